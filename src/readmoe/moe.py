@@ -1,0 +1,84 @@
+"""The MoE MLP: a shared expert for every token plus one routed expert per token.
+
+Both are slices of the dense SwiGLU MLP's neurons. Because that MLP is a sum
+over neurons, `MLP_{shared ∪ e}(x) = MLP_shared(x) + MLP_e(x)` exactly. Tokens
+are bucketed by expert and each bucket runs as one matmul (grouped dispatch),
+so cost follows the number of distinct experts, not the number of tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Routing:
+    """Expert ids for the forward in flight, shared by every MoE layer of a model."""
+
+    def __init__(self):
+        self.expert_ids: torch.Tensor | None = None  # LongTensor [B, T]
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) over a subset of the dense model's neurons."""
+
+    def __init__(self, hidden: int, size: int, act: nn.Module, bias: bool = False, down_bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, size, bias=bias)
+        self.up_proj = nn.Linear(hidden, size, bias=bias)
+        self.down_proj = nn.Linear(size, hidden, bias=down_bias)
+        self.act_fn = act
+        # Dense neuron index of each row: maps this expert back to the parent model.
+        self.register_buffer("neuron_idx", torch.zeros(size, dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.gate_proj.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ReadMEMLP(nn.Module):
+    def __init__(self, hidden: int, shared_size: int, expert_sizes: list[int], act: nn.Module, routing: Routing,
+                 bias: bool = False, down_bias: bool = False):
+        super().__init__()
+        self.shared = GatedMLP(hidden, shared_size, act, bias, down_bias)
+        self.experts = nn.ModuleList(GatedMLP(hidden, s, act, bias, False) for s in expert_sizes)
+        self._routing = [routing]  # a list keeps it out of the module tree and the state dict
+
+    @property
+    def routing(self) -> Routing:
+        return self._routing[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = self.routing.expert_ids
+        if ids is None:
+            raise RuntimeError("ReadMEMLP called without expert ids; call ReadMEForCausalLM, not its backbone")
+        out = self.shared(x)
+        flat = x.reshape(-1, x.shape[-1])
+        ids = ids.reshape(-1)
+        if ids.numel() != flat.shape[0]:
+            raise ValueError(f"expert_ids has {ids.numel()} entries for {flat.shape[0]} tokens")
+        return out + self.dispatch(flat, ids).view_as(x)
+
+    def dispatch(self, flat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Routed experts over flat tokens [N, H] with expert ids [N]: one matmul per present expert."""
+        counts = torch.bincount(ids, minlength=len(self.experts)).tolist()
+        present = [e for e, c in enumerate(counts) if c]
+        if len(counts) > len(self.experts):
+            raise ValueError(f"expert id {len(counts) - 1} out of range: the model has {len(self.experts)} routed experts")
+        if len(present) == 1:  # decode at batch 1 and single-expert batches: no gather/scatter
+            e = present[0]
+            return self.experts[e](flat) if self.experts[e].size else torch.zeros_like(flat)
+        order = torch.argsort(ids, stable=True)
+        xs = flat.index_select(0, order)
+        parts, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                seg = xs[start:start + c]
+                parts.append(self.experts[e](seg) if self.experts[e].size else torch.zeros_like(seg))
+                start += c
+        out = torch.empty_like(flat)
+        out.index_copy_(0, order, torch.cat(parts))
+        return out

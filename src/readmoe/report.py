@@ -1,0 +1,72 @@
+"""Reports: a machine-readable JSON next to a human Markdown table, both written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import atomic_write_json, atomic_write_text
+
+console = Console(stderr=False)
+
+
+def fmt(v, digits: int = 1) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(title: str, headers: list[str], rows: list[list]) -> None:
+    t = Table(title=title)
+    for i, h in enumerate(headers):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*(fmt(c) for c in r))
+    console.print(t)
+
+
+def perplexity_rows(ppl: dict[str, dict[str, float | None]]) -> tuple[list[str], list[list]]:
+    domains = list(next(iter(ppl.values())).keys()) if ppl else []
+    rows = []
+    for variant, by_domain in ppl.items():
+        vals = [by_domain.get(d) for d in domains]
+        ok = [v for v in vals if v is not None]
+        rows.append([variant, *vals, (sum(ok) / len(ok)) if len(ok) == len(vals) and ok else None])
+    return ["variant", *domains, "mean"], rows
+
+
+def carve_rows(table: list[dict]) -> tuple[list[str], list[list]]:
+    headers = ["layer", "shared %", "routed min %", "routed mean %", "routed max %", "covered %"]
+    return headers, [[r["layer"], r["shared_pct"], r["routed_min_pct"], r["routed_mean_pct"], r["routed_max_pct"],
+                      r["covered_pct"]] for r in table]
+
+
+def carve_summary_rows(table: list[dict], params: dict, dense_total: int) -> tuple[list[str], list[list]]:
+    def col(k):
+        return [r[k] for r in table]
+
+    rows = [["shared % (per layer)", min(col("shared_pct")), sum(col("shared_pct")) / len(table), max(col("shared_pct"))],
+            ["routed expert % (per layer)", min(col("routed_min_pct")), sum(col("routed_mean_pct")) / len(table),
+             max(col("routed_max_pct"))]]
+    prow = [["params: dense parent", dense_total, "", ""], ["params: MoE total", params["total"], "", ""],
+            ["params: MoE active / token", params["active"], f"{100 * params['active'] / dense_total:.1f}% of dense", ""],
+            ["params: router", params["router"], "", ""]]
+    return ["", "min", "mean", "max"], rows + prow
+
+
+def write(json_path: Path, data: dict, markdown: str) -> None:
+    json_path = Path(json_path)
+    atomic_write_json(json_path, data)
+    atomic_write_text(json_path.with_suffix(".md"), markdown)

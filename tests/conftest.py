@@ -1,0 +1,82 @@
+"""Tiny random-weight backbones of two architectures, saved as real HF checkpoint directories."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import readmoe  # noqa: F401  (registers the Auto classes)
+
+VOCAB = 260  # 256 byte symbols + specials
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built offline: every byte is a token, no training needed."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    vocab["<unk>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                                                 pre_tokenizers.Split("", "isolated")])
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=16, max_position_embeddings=256, sliding_window=8,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    m = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # Gemma norms are (1 + w) with w = 0 at init: give them some signal
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.normal_(0, 0.3)
+    return m
+
+
+ARCHS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
+
+
+@pytest.fixture(params=list(ARCHS))
+def dense(request):
+    return ARCHS[request.param]()
+
+
+@pytest.fixture
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def dense_dir(tmp_path):
+    """A tiny Llama checkpoint directory with a tokenizer, as a user would point --model at."""
+    d = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    """Three small domains in the three accepted layouts: a sub-directory, a .txt and a .jsonl file."""
+    import json
+
+    root = tmp_path / "corpus"
+    (root / "prose").mkdir(parents=True)
+    for i in range(30):
+        (root / "prose" / f"doc{i}.txt").write_text(f"The quiet river number {i} runs past the old mill.\n\n" * 20)
+    (root / "code.txt").write_text("\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 8 for i in range(400)))
+    (root / "chat.jsonl").write_text("\n".join(json.dumps({"text": f"Hello {i}, how are you today? Fine, thanks. " * 12})
+                                              for i in range(80)))
+    return root

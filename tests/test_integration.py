@@ -1,0 +1,68 @@
+"""On the real embedded default (SmolLM2-135M): the CLI pipeline with a small budget, and exactness."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from readmoe import backbone
+from readmoe.modeling import load_readme
+
+from test_cli import run
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("real")
+    stats, model, report = tmp / "stats.safetensors", tmp / "moe", tmp / "report.json"
+    mp = pytest.MonkeyPatch()
+    from readmoe import cli
+
+    for args in (["calibrate", "--domains", "news,code", "--samples", "2", "--seq-len", "128", "--out", stats],
+                 ["carve", "--stats", stats, "--keep", "0.5", "--out", model],
+                 ["eval", "--model", model, "--domains", "news,code", "--seqs", "1", "--seq-len", "128", "--out", report]):
+        mp.setattr(sys, "argv", ["readmoe", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+            raise SystemExit(0)
+        assert e.value.code in (0, None), args
+    mp.undo()
+    return stats, model, report
+
+
+def test_real_pipeline_report(pipeline):
+    _, model, report = pipeline
+    data = json.loads(report.read_text())
+    ppl = data["perplexity"]
+    for d in ("news", "code"):
+        assert 1 < ppl["dense"][d] < 100, "the dense parent models its own domains well"
+        # carving drops half the MLP neurons: worse than dense, far better than chance (vocab 49,152)
+        assert ppl["dense"][d] < ppl["domain_oracle"][d] < 5000
+    assert data["params"]["active"] < data["params"]["dense"]
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["model_type"] == "readmoe" and cfg["expert_names"] == ["news", "code"]
+    assert len(cfg["shared_sizes"]) == 30
+
+
+def test_real_expert_equals_masked_dense(pipeline):
+    _, model, _ = pipeline
+    moe, tok = load_readme(str(model))
+    dense, _ = backbone.load_dense("embedded")
+    ids = tok("def add(a, b):\n    return a + b", return_tensors="pt").input_ids
+    for e in range(2):
+        hooks = []
+        for (sh, ex), mlp in zip(moe.neuron_sets(), backbone.mlps(dense)):
+            mask = torch.zeros(mlp.down_proj.in_features)
+            mask[torch.cat([sh, ex[e]])] = 1
+            hooks.append(mlp.down_proj.register_forward_pre_hook(lambda m, i, k=mask: (i[0] * k,)))
+        with torch.no_grad():
+            ref = dense(ids).logits
+            got = moe(ids, expert_ids=e).logits
+        for h in hooks:
+            h.remove()
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    out = moe.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, ids.shape[1] + 4)
