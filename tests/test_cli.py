@@ -56,6 +56,8 @@ def test_workflow_calibrate_carve_eval_generate(workflow, tmp_path, corpus_dir, 
     for variant in data["perplexity"].values():
         assert set(variant) == {"chat", "code", "prose"} and all(v > 1 for v in variant.values())
     assert report.with_suffix(".md").read_text().startswith("# Validation perplexity")
+    assert report.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert (model / "carve_report.png").read_bytes()[:4] == b"\x89PNG"
     code, out, err = run(monkeypatch, capsys, "generate", "--model", model, "--prompt", "def f", "--max-tokens", 5,
                          "--expert", "code")
     assert code == 0, err and out.strip() != ""

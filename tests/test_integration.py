@@ -66,3 +66,26 @@ def test_real_expert_equals_masked_dense(pipeline):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     out = moe.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, ids.shape[1] + 4)
+
+
+def test_real_gemma3_carves_exactly():
+    """Second architecture on real weights: Gemma-3-270m (GELU-tanh gated MLP, sliding-window attention)."""
+    from readmoe.carve import build_model, domain_sets
+
+    dense, tok = backbone.load_dense("embedded:gemma3")
+    mlps = backbone.mlps(dense)
+    L, I = len(mlps), mlps[0].down_proj.in_features
+    moe = build_model(dense, domain_sets(torch.rand(3, L, I, generator=torch.Generator().manual_seed(0)), 0.5),
+                      ["a", "b", "c"], 0.5, "domain", "embedded:gemma3")
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    hooks = []
+    for (sh, ex), mlp in zip(moe.neuron_sets(), mlps):
+        mask = torch.zeros(I)
+        mask[torch.cat([sh, ex[1]])] = 1
+        hooks.append(mlp.down_proj.register_forward_pre_hook(lambda m, i, k=mask: (i[0] * k,)))
+    with torch.no_grad():
+        ref = dense(ids).logits
+        got = moe(ids, expert_ids=1).logits
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)

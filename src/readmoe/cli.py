@@ -91,7 +91,9 @@ def carve_and_save(dense, tok, model_spec, st, keep, out, experts=None, router_d
         report.write(tmp / "carve_report.json", {"mode": mode, "keep": keep, "experts": names, "layers": table,
                                                  "params": dict(params, dense=dense_total)},
                      f"# Carve report\n\nmode {mode}, keep {keep}, experts {', '.join(names)}\n\n"
-                     + report.markdown_table(sh, srows) + "\n" + report.markdown_table(h, rows))
+                     + report.markdown_table(sh, srows) + "\n![experts per layer](carve_report.png)\n\n"
+                     + report.markdown_table(h, rows))
+        report.plot_carve(table, tmp / "carve_report.png")
     report.print_table(f"carved {len(names)} experts ({mode}, keep {keep})", sh, srows)
     typer.echo(f"wrote {out}")
     return moe
@@ -139,10 +141,12 @@ def run_eval(moe, dense, tok, corpus, names, seqs, seq_len, out):
                          "experts": list(moe.config.expert_names)}, "seconds": round(time.time() - t0, 1)}
     h, rows = report.perplexity_rows(ppl)
     md = (f"# Validation perplexity\n\n{seqs} x {seq_len} tokens per domain; `domain_oracle` routes each text to its own "
-          f"domain's expert, `readme` uses the model's router.\n\n" + report.markdown_table(h, rows))
+          f"domain's expert, `readme` uses the model's router.\n\n" + report.markdown_table(h, rows)
+          + f"\n![perplexity]({Path(out).with_suffix('.png').name})\n")
     report.write(out, data, md)
+    report.plot_perplexity(ppl, Path(out).with_suffix(".png"))
     report.print_table("validation perplexity", h, rows)
-    typer.echo(f"wrote {out} and {Path(out).with_suffix('.md')}")
+    typer.echo(f"wrote {out}, {Path(out).with_suffix('.md')} and {Path(out).with_suffix('.png')}")
     return data
 
 

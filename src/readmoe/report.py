@@ -70,3 +70,55 @@ def write(json_path: Path, data: dict, markdown: str) -> None:
     json_path = Path(json_path)
     atomic_write_json(json_path, data)
     atomic_write_text(json_path.with_suffix(".md"), markdown)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_perplexity(ppl: dict[str, dict[str, float | None]], path: Path) -> None:
+    """Grouped bars: one group per domain, one bar per variant, log scale."""
+    from .errors import atomic_file
+
+    plt = _plt()
+    domains = list(next(iter(ppl.values())).keys())
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(domains), 3.6))
+    width = 0.8 / max(len(ppl), 1)
+    for i, (variant, vals) in enumerate(ppl.items()):
+        xs = [j + i * width for j, d in enumerate(domains) if vals.get(d) is not None]
+        ys = [vals[d] for d in domains if vals.get(d) is not None]
+        ax.bar(xs, ys, width, label=variant)
+    ax.set_xticks([j + width * (len(ppl) - 1) / 2 for j in range(len(domains))], domains)
+    ax.set_yscale("log")
+    ax.set_ylabel("validation perplexity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_carve(table: list[dict], path: Path) -> None:
+    """Per layer: shared expert share and the routed experts' min/mean/max share."""
+    from .errors import atomic_file
+
+    plt = _plt()
+    layers = [r["layer"] for r in table]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.plot(layers, [r["shared_pct"] for r in table], label="shared expert")
+    ax.plot(layers, [r["routed_mean_pct"] for r in table], label="routed expert (mean)")
+    ax.fill_between(layers, [r["routed_min_pct"] for r in table], [r["routed_max_pct"] for r in table], alpha=0.25,
+                    label="routed expert (min–max)")
+    ax.plot(layers, [r["covered_pct"] for r in table], "--", label="kept by any expert")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("% of the layer's dense neurons")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
