@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -80,3 +82,37 @@ def corpus_dir(tmp_path):
     (root / "chat.jsonl").write_text("\n".join(json.dumps({"text": f"Hello {i}, how are you today? Fine, thanks. " * 12})
                                               for i in range(80)))
     return root
+
+
+# ---------------------------------------------------------------- running the CLI in-process
+def run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop whatever the test's own set-up printed
+    from readmoe import cli
+
+    monkeypatch.setattr(sys, "argv", ["readmoe", *map(str, args)])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fails(monkeypatch, capsys, match, *args):
+    code, _, err = run(monkeypatch, capsys, *args)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def workflow(tmp_path, dense_dir, corpus_dir, monkeypatch, capsys):
+    stats, model = tmp_path / "stats.safetensors", tmp_path / "moe"
+    code, _, err = run(monkeypatch, capsys, "calibrate", "--model", dense_dir, "--corpus", corpus_dir, "--samples", 2,
+                       "--seq-len", 32, "--out", stats)
+    assert code == 0, err
+    code, out, err = run(monkeypatch, capsys, "carve", "--model", dense_dir, "--stats", stats, "--keep", 0.5, "--out", model)
+    assert code == 0, err
+    return stats, model

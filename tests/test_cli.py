@@ -1,46 +1,11 @@
 """The CLI end to end on a tiny checkpoint, and every bad input gets one clear line and exit code 2."""
 
 import json
-import sys
 
 import pytest
-import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from readmoe import cli
-
-from conftest import byte_tokenizer, tiny_llama
-
-
-def run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop whatever the test's own set-up printed
-    monkeypatch.setattr(sys, "argv", ["readmoe", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def fails(monkeypatch, capsys, match, *args):
-    code, _, err = run(monkeypatch, capsys, *args)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
-    assert "Traceback" not in err
-
-
-@pytest.fixture
-def workflow(tmp_path, dense_dir, corpus_dir, monkeypatch, capsys):
-    stats, model = tmp_path / "stats.safetensors", tmp_path / "moe"
-    code, _, err = run(monkeypatch, capsys, "calibrate", "--model", dense_dir, "--corpus", corpus_dir, "--samples", 2,
-                       "--seq-len", 32, "--out", stats)
-    assert code == 0, err
-    code, out, err = run(monkeypatch, capsys, "carve", "--model", dense_dir, "--stats", stats, "--keep", 0.5, "--out", model)
-    assert code == 0, err
-    return stats, model
+from conftest import byte_tokenizer, fails, run, tiny_llama
 
 
 def test_workflow_calibrate_carve_eval_generate(workflow, tmp_path, corpus_dir, monkeypatch, capsys):
@@ -52,7 +17,8 @@ def test_workflow_calibrate_carve_eval_generate(workflow, tmp_path, corpus_dir, 
                          "--seqs", 2, "--seq-len", 32)
     assert code == 0, err
     data = json.loads(report.read_text())
-    assert set(data["perplexity"]) == {"dense", "readme", "domain_oracle"}
+    assert set(data["perplexity"]) == {"dense", "readme", "domain_oracle", "oracle", "random"}
+    assert 0.0 <= data["router"]["accuracy"] <= 1.0 and data["router"]["params"] > 0
     for variant in data["perplexity"].values():
         assert set(variant) == {"chat", "code", "prose"} and all(v > 1 for v in variant.values())
     assert report.with_suffix(".md").read_text().startswith("# Validation perplexity")
@@ -111,6 +77,12 @@ def test_bad_keep_stats_corpus_domain_and_arch(tmp_path, dense_dir, corpus_dir, 
 
 
 def test_help_on_every_command(monkeypatch, capsys):
-    for cmd in ("calibrate", "carve", "eval", "generate", "demo"):
+    for cmd in ("calibrate", "carve", "train", "eval", "generate", "demo"):
         code, out, _ = run(monkeypatch, capsys, cmd, "--help")
         assert code == 0 and "Usage" in out
+
+
+def test_unreachable_hub_id_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without the hub sees, without waiting on retries
+    fails(monkeypatch, capsys, "hub id could not be fetched", "calibrate", "--model", "someone/no-such-model",
+          "--out", tmp_path / "s")

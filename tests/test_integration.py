@@ -9,8 +9,6 @@ import torch
 from readmoe import backbone
 from readmoe.modeling import load_readme
 
-from test_cli import run
-
 pytestmark = pytest.mark.integration
 
 

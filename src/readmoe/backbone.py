@@ -29,6 +29,9 @@ def _quiet():
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own bars say what is happening
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # an unreachable hub is reported once, by us
     warnings.filterwarnings("ignore", message=".*GGUF.*")
     logging.getLogger("transformers").setLevel(logging.ERROR)
 

@@ -114,7 +114,14 @@ def router_dims(hidden: int, dim: int | None) -> dict:
 
 @torch.no_grad()
 def build_model(dense, sets: Sets, names: list[str], keep: float, mode: str, parent: str,
-                router_dim: int | None = None) -> ReadMEForCausalLM:
+                router_dim: int | None = None, seed: int = 0) -> ReadMEForCausalLM:
+    """Deterministic: the same inputs give the same checkpoint (the router's random init is seeded)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_model(dense, sets, names, keep, mode, parent, router_dim)
+
+
+def _build_model(dense, sets: Sets, names, keep, mode, parent, router_dim) -> ReadMEForCausalLM:
     shared, experts = sets
     tc = text_config_of(dense)
     cfg = ReadMEConfig(text_config=tc, expert_names=list(names), shared_sizes=[len(s) for s in shared],

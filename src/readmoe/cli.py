@@ -133,21 +133,65 @@ def run_eval(moe, dense, tok, corpus, names, seqs, seq_len, out):
     from .evaluate import domain_perplexities
 
     t0 = time.time()
-    ppl = domain_perplexities(moe, dense, tok, corpus, names, seqs, seq_len)
+    ppl, router = domain_perplexities(moe, dense, tok, corpus, names, seqs, seq_len)
     params = param_summary(moe)
-    data = {"perplexity": ppl, "params": {"total": params["total"], "active": params["active"], "router": params["router"],
+    router["params"] = params["router"]
+    data = {"perplexity": ppl, "router": router, "params": {"total": params["total"], "active": params["active"], "router": params["router"],
                                           "dense": dense_params(dense) if dense is not None else None},
             "settings": {"corpus": corpus.spec, "seqs": seqs, "seq_len": seq_len, "keep": moe.config.keep,
                          "experts": list(moe.config.expert_names)}, "seconds": round(time.time() - t0, 1)}
     h, rows = report.perplexity_rows(ppl)
     md = (f"# Validation perplexity\n\n{seqs} x {seq_len} tokens per domain; `domain_oracle` routes each text to its own "
-          f"domain's expert, `readme` uses the model's router.\n\n" + report.markdown_table(h, rows)
+          f"domain's expert, `readme` uses the model's router, `oracle` gives each token the expert holding most of "
+          f"its top dense neurons, `random` picks uniformly.\n\n" + report.markdown_table(h, rows)
+          + (f"\nRouter top-1 accuracy against oracle labels: {100 * router['accuracy']:.1f} %\n"
+             if router.get("accuracy") is not None else "")
           + f"\n![perplexity]({Path(out).with_suffix('.png').name})\n")
     report.write(out, data, md)
     report.plot_perplexity(ppl, Path(out).with_suffix(".png"))
     report.print_table("validation perplexity", h, rows)
+    if router.get("accuracy") is not None:
+        typer.echo(f"router top-1 accuracy against oracle labels: {100 * router['accuracy']:.1f} %")
     typer.echo(f"wrote {out}, {Path(out).with_suffix('.md')} and {Path(out).with_suffix('.png')}")
     return data
+
+
+@app.command()
+def train(
+    model: Path = typer.Option(..., help="readmoe checkpoint directory (from `readmoe carve`)"),
+    corpus: str = typer.Option("embedded", help=CORPUS_HELP),
+    out: Path = typer.Option(..., help="directory for the trained checkpoint (resumes if it holds a partial run)"),
+    budget: str = typer.Option("demo", help="demo (minutes on a CPU), full (about an hour), paper (the paper's recipe)"),
+    rounds: Optional[int] = typer.Option(None, help="router/expert rounds"),
+    router_steps: Optional[int] = typer.Option(None, help="router distillation steps per round"),
+    expert_steps: Optional[int] = typer.Option(None, help="expert tuning steps per round"),
+    router_lr: Optional[float] = typer.Option(None, help="router peak learning rate"),
+    expert_lr: Optional[float] = typer.Option(None, help="expert peak learning rate"),
+    lr_decay: Optional[float] = typer.Option(None, help="learning-rate factor per round"),
+    seq_len: Optional[int] = typer.Option(None, help="tokens per training sequence"),
+    batch_tokens: Optional[int] = typer.Option(None, help="tokens per step"),
+    domains: Optional[str] = typer.Option(None, help="comma-separated subset of the corpus's domains"),
+    dense: Optional[str] = typer.Option(None, help="dense teacher (default: the parent recorded at carve time)"),
+):
+    """Alternate router distillation from the dense parent and expert tuning; checkpoint after every phase."""
+    from . import backbone
+    from .corpus import Corpus
+    from .modeling import load_readme
+    from .targets import check_router
+    from .train import check_pair, make_config, train as run
+
+    cfg = make_config(budget, rounds=rounds, router_steps=router_steps, expert_steps=expert_steps, router_lr=router_lr,
+                      expert_lr=expert_lr, lr_decay=lr_decay, seq_len=seq_len, batch_tokens=batch_tokens)
+    c = Corpus(corpus)
+    names = c.select(_domains(domains))
+    backbone.env_threads()
+    moe, tok = load_readme(str(model))
+    check_router(moe)
+    dm, _ = backbone.load_dense(dense or moe.config.parent_model)
+    check_pair(moe, dm, tok)
+    hist = run(moe, dm, tok, c, names, cfg, out)
+    last = [h for h in hist if h["phase"] == "router"][-1:]
+    typer.echo(f"wrote {out}" + (f" (last router accuracy {100 * last[0]['router_acc']:.1f} %)" if last else ""))
 
 
 @app.command()
@@ -185,20 +229,25 @@ def generate(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="directory for stats, model and reports"),
+    out: Path = typer.Option(Path("runs/demo"), help="directory for stats, checkpoints and reports"),
     model: str = typer.Option("embedded", help=MODEL_HELP),
     samples: int = typer.Option(16, help="calibration sequences per domain"),
-    seq_len: int = typer.Option(512, help="tokens per sequence"),
+    seq_len: int = typer.Option(512, help="tokens per calibration / evaluation sequence"),
     eval_seqs: int = typer.Option(4, help="validation sequences per domain"),
     keep: float = typer.Option(0.5, help="share of neurons each domain keeps"),
+    budget: str = typer.Option("demo", help="training budget: demo, full, paper"),
 ):
-    """The whole pipeline on the embedded default: calibrate, carve, evaluate; prints the tables."""
+    """The whole pipeline on the embedded default: calibrate, carve, train, evaluate; prints the tables.
+
+    Writes DIR/stats.safetensors, DIR/carved (the carved MoE), DIR/model (the trained MoE) and DIR/report.json."""
     from . import backbone
     from .calibrate import calibrate as run_calibrate
     from .carve import check_keep
     from .corpus import Corpus
+    from .train import make_config, train as run_train
 
     check_keep(keep)
+    cfg = make_config(budget)
     t0 = time.time()
     backbone.env_threads()
     c = Corpus("embedded")
@@ -206,8 +255,10 @@ def demo(
     typer.echo(f"[{time.time() - t0:5.0f}s] loaded {model}")
     st = run_calibrate(dense, tok, c, c.domains, samples, seq_len, out / "stats.safetensors")
     typer.echo(f"[{time.time() - t0:5.0f}s] calibrated {len(st.domains)} domains")
-    moe = carve_and_save(dense, tok, model, st, keep, out / "model")
+    moe = carve_and_save(dense, tok, model, st, keep, out / "carved")
     typer.echo(f"[{time.time() - t0:5.0f}s] carved")
+    run_train(moe, dense, tok, c, c.domains, cfg, out / "model")
+    typer.echo(f"[{time.time() - t0:5.0f}s] trained ({budget} budget)")
     run_eval(moe, dense, tok, c, c.domains, eval_seqs, seq_len, out / "report.json")
     typer.echo(f"[{time.time() - t0:5.0f}s] done: {out}")
 

@@ -12,11 +12,14 @@ from .corpus import Corpus
 
 @torch.no_grad()
 def perplexity(model, seqs: torch.Tensor, expert_ids=None, batch_size: int = 2, desc: str | None = None) -> float:
-    """exp(mean next-token NLL) over the rows of `seqs` [N, T]. `expert_ids` (int) fixes routing."""
+    """exp(mean next-token NLL) over the rows of `seqs` [N, T]. `expert_ids`: None (the model decides),
+    one int for every token, or a LongTensor [N, T] of per-token experts."""
     nll, count = 0.0, 0
-    kw = {} if expert_ids is None else {"expert_ids": expert_ids}
     for b in tqdm(range(0, len(seqs), batch_size), desc=desc, disable=desc is None, leave=False):
         x = seqs[b:b + batch_size]
+        kw = {}
+        if expert_ids is not None:
+            kw["expert_ids"] = expert_ids[b:b + batch_size] if torch.is_tensor(expert_ids) else expert_ids
         logits = model(input_ids=x, use_cache=False, **kw).logits.float()
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                                  reduction="sum")
@@ -26,18 +29,34 @@ def perplexity(model, seqs: torch.Tensor, expert_ids=None, batch_size: int = 2, 
 
 
 def domain_perplexities(moe, dense, tokenizer, corpus: Corpus, domains: list[str], n_seqs: int, seq_len: int,
-                        batch_size: int = 2) -> dict[str, dict[str, float | None]]:
-    """{variant: {domain: ppl}} for `dense`, `readme` (the model's own router) and `domain_oracle`
-    (each text routed to its own domain's expert; None where the MoE has no expert of that name)."""
+                        batch_size: int = 2, seed: int = 0) -> tuple[dict[str, dict[str, float | None]], dict]:
+    """Perplexity per variant and domain, and the router's top-1 accuracy against oracle labels.
+
+    Variants: `dense`; `readme` (the model's own router); `domain_oracle` (each text to its own domain's
+    expert; None where the MoE has no expert of that name); `oracle` (per token, the expert holding most of
+    the dense model's top-`keep` neurons, summed over layers: the router's upper bound); `random` (uniform)."""
+    from .targets import expert_masks, oracle_labels, overlaps
+
     names = list(moe.config.expert_names)
-    out: dict[str, dict[str, float | None]] = {"dense": {}, "readme": {}, "domain_oracle": {}}
+    variants = ["dense", "readme", "domain_oracle", "oracle", "random"] if dense is not None else ["readme", "domain_oracle", "random"]
+    out: dict[str, dict[str, float | None]] = {v: {} for v in variants}
+    masks = expert_masks(moe)
+    g = torch.Generator().manual_seed(seed)
+    hits, total = 0, 0
     for d in domains:
         seqs = corpus.sequences(tokenizer, d, "validation", n_seqs, seq_len)
         if dense is not None:
             out["dense"][d] = perplexity(dense, seqs, batch_size=batch_size, desc=f"eval dense {d}")
+            oracle = torch.cat([oracle_labels(overlaps(dense, masks, seqs[b:b + batch_size], moe.config.keep))
+                                for b in range(0, len(seqs), batch_size)])
+            out["oracle"][d] = perplexity(moe, seqs, oracle, batch_size, desc=f"eval oracle {d}")
+            routed = moe.route(seqs)
+            hits += int((routed == oracle).sum())
+            total += oracle.numel()
         out["readme"][d] = perplexity(moe, seqs, batch_size=batch_size, desc=f"eval readme {d}")
         out["domain_oracle"][d] = (perplexity(moe, seqs, names.index(d), batch_size, desc=f"eval domain-oracle {d}")
                                    if d in names else None)
-    if dense is None:
-        del out["dense"]
-    return out
+        rand = torch.randint(0, moe.num_experts, seqs.shape, generator=g)
+        out["random"][d] = perplexity(moe, seqs, rand, batch_size, desc=f"eval random {d}")
+    router = {"accuracy": hits / total if total else None}
+    return out, router

@@ -1,0 +1,128 @@
+"""Teacher targets, router distillation and expert tuning on tiny models; resume; bad input."""
+
+import json
+
+import pytest
+import torch
+
+from readmoe.carve import build_model, domain_sets
+from readmoe.corpus import Corpus
+from readmoe.errors import UserError
+from readmoe.targets import distill_loss, expert_masks, oracle_labels, overlaps
+from readmoe.train import make_config, train
+
+from conftest import byte_tokenizer, fails, run, tiny_llama
+
+
+def test_overlaps_hand_made():
+    """One layer, 4 neurons: the token's top-2 neurons are {0, 3}; expert 0 owns {0, 1}, expert 1 owns {2, 3}."""
+    from torch import nn
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down_proj = nn.Linear(4, 2, bias=False)
+
+        def forward(self, x):
+            return self.down_proj(x)
+
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Module()
+            self.model.layers = nn.ModuleList([nn.Module()])
+            self.model.layers[0].mlp = MLP()
+
+        def forward(self, input_ids, use_cache=False):
+            acts = torch.tensor([[[5.0, 1.0, 0.5, -4.0], [0.1, 0.2, 3.0, 2.0]]])  # [1, 2 tokens, 4 neurons]
+            return self.model.layers[0].mlp(acts[:, : input_ids.shape[1]])
+
+    masks = [torch.tensor([[True, True, False, False], [False, False, True, True]])]
+    ov = overlaps(Dense(), masks, torch.zeros(1, 2, dtype=torch.long), keep=0.5)
+    assert ov.shape == (1, 2, 1, 2)
+    torch.testing.assert_close(ov[0, :, 0], torch.tensor([[0.5, 0.5], [0.0, 1.0]]))
+    assert oracle_labels(ov).tolist() == [[0, 1]]
+
+
+def test_distill_loss_prefers_the_target():
+    ov = torch.tensor([[[[0.9, 0.1, 0.0]]]])  # [B, T, L, E]
+    good = distill_loss(torch.tensor([[[5.0, 0.0, -5.0]]]), ov)
+    bad = distill_loss(torch.tensor([[[-5.0, 5.0, 0.0]]]), ov)
+    assert good < bad
+
+
+@pytest.fixture
+def setup(corpus_dir):
+    dense, tok, corpus = tiny_llama(), byte_tokenizer(), Corpus(str(corpus_dir))
+    L, I = len(dense.model.layers), dense.config.intermediate_size
+    sets = domain_sets(torch.rand(3, L, I, generator=torch.Generator().manual_seed(0)), 0.5)
+    make = lambda: build_model(dense, sets, corpus.domains, 0.5, "domain", "test")  # noqa: E731
+    return dense, tok, corpus, make
+
+
+CFG = dict(rounds=2, router_steps=15, expert_steps=3, seq_len=32, batch_tokens=128, pool_seqs=12, router_lr=1e-2, expert_lr=1e-3)
+
+
+def test_training_lowers_losses_and_raises_router_accuracy(setup, tmp_path):
+    dense, tok, corpus, make = setup
+    moe = make()
+    hist = train(moe, dense, tok, corpus, corpus.domains, make_config("demo", **CFG), tmp_path / "out", progress=False)
+    r = [h for h in hist if h["phase"] == "router"]
+    e = [h for h in hist if h["phase"] == "experts"]
+    assert len(r) == 30 and len(e) == 6
+    assert sum(h["loss"] for h in r[-5:]) < sum(h["loss"] for h in r[:5])
+    assert sum(h["router_acc"] for h in r[-5:]) > sum(h["router_acc"] for h in r[:5])
+    assert e[-1]["loss"] < e[0]["loss"]
+    state = json.loads((tmp_path / "out" / "train" / "state.json").read_text())
+    assert state["complete"] and state["phases_done"] == 4
+
+
+def test_resume_after_kill_equals_uninterrupted(setup, tmp_path):
+    dense, tok, corpus, make = setup
+    cfg = make_config("demo", **CFG)
+    full = make()
+    train(full, dense, tok, corpus, corpus.domains, cfg, tmp_path / "a", progress=False)
+    part = make()
+    train(part, dense, tok, corpus, corpus.domains, cfg, tmp_path / "b", progress=False, stop_after=3)  # killed
+    resumed = make()  # a fresh process: weights come from the checkpoint
+    train(resumed, dense, tok, corpus, corpus.domains, cfg, tmp_path / "b", progress=False)
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+
+
+def test_budget_zero_rejected():
+    with pytest.raises(UserError, match="budget is 0"):
+        make_config("demo", router_steps=0, expert_steps=0)
+    with pytest.raises(UserError, match="budget is 0"):
+        make_config("demo", rounds=0)
+    with pytest.raises(UserError, match="unknown --budget"):
+        make_config("huge")
+
+
+def test_cli_train_bad_inputs(tmp_path, workflow, dense_dir, corpus_dir, monkeypatch, capsys):
+    _, model = workflow
+    fails(monkeypatch, capsys, "budget is 0", "train", "--model", model, "--corpus", corpus_dir, "--out", tmp_path / "t",
+          "--rounds", 0)
+    fails(monkeypatch, capsys, "not a readmoe MoE", "train", "--model", dense_dir, "--corpus", corpus_dir, "--out", tmp_path / "t")
+    big = tmp_path / "bigtok"
+    big.mkdir()
+    for f in model.iterdir():
+        if f.is_file():
+            (big / f.name).write_bytes(f.read_bytes())
+    from transformers import AutoTokenizer
+
+    tk = AutoTokenizer.from_pretrained(model)
+    tk.add_tokens([f"<extra{i}>" for i in range(40)])
+    tk.save_pretrained(big)
+    fails(monkeypatch, capsys, "mismatched tokenizer", "train", "--model", big, "--corpus", corpus_dir, "--out", tmp_path / "t")
+    assert not (tmp_path / "t" / "model.safetensors").exists()
+
+
+def test_cli_train_then_eval(tmp_path, workflow, corpus_dir, monkeypatch, capsys):
+    _, model = workflow
+    code, out, err = run(monkeypatch, capsys, "train", "--model", model, "--corpus", corpus_dir, "--out", tmp_path / "t",
+                         "--rounds", 1, "--router-steps", 5, "--expert-steps", 1, "--seq-len", 32, "--batch-tokens", 64)
+    assert code == 0, err
+    code, out, err = run(monkeypatch, capsys, "eval", "--model", tmp_path / "t", "--corpus", corpus_dir, "--out",
+                         tmp_path / "r.json", "--seqs", 1, "--seq-len", 32)
+    assert code == 0, err
