@@ -81,10 +81,17 @@ def _plt():
     return plt
 
 
-def plot_perplexity(ppl: dict[str, dict[str, float | None]], path: Path) -> None:
-    """Grouped bars: one group per domain, one bar per variant, log scale."""
+def _save(fig, path: Path) -> None:
     from .errors import atomic_file
 
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    _plt().close(fig)
+
+
+def plot_perplexity(ppl: dict[str, dict[str, float | None]], path: Path) -> None:
+    """Grouped bars: one group per domain, one bar per variant, log scale."""
     plt = _plt()
     domains = list(next(iter(ppl.values())).keys())
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(domains), 3.6))
@@ -97,16 +104,11 @@ def plot_perplexity(ppl: dict[str, dict[str, float | None]], path: Path) -> None
     ax.set_yscale("log")
     ax.set_ylabel("validation perplexity")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_carve(table: list[dict], path: Path) -> None:
     """Per layer: shared expert share and the routed experts' min/mean/max share."""
-    from .errors import atomic_file
-
     plt = _plt()
     layers = [r["layer"] for r in table]
     fig, ax = plt.subplots(figsize=(7, 3.4))
@@ -118,7 +120,4 @@ def plot_carve(table: list[dict], path: Path) -> None:
     ax.set_xlabel("layer")
     ax.set_ylabel("% of the layer's dense neurons")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _save(fig, path)
