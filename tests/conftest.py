@@ -84,6 +84,20 @@ def corpus_dir(tmp_path):
     return root
 
 
+def masked_dense_logits(dense, ids, keep_sets):
+    """The dense model with every down_proj input masked to the neurons in `keep_sets[layer]`."""
+    hooks = []
+    for layer, keep in zip(dense.model.layers, keep_sets):
+        mask = torch.zeros(layer.mlp.down_proj.in_features)
+        mask[keep] = 1.0
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, inp, k=mask: (inp[0] * k,)))
+    try:
+        return dense(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 # ---------------------------------------------------------------- running the CLI in-process
 def run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     capsys.readouterr()  # drop whatever the test's own set-up printed

@@ -9,6 +9,8 @@ import torch
 from readmoe import backbone
 from readmoe.modeling import load_readme
 
+from conftest import masked_dense_logits
+
 pytestmark = pytest.mark.integration
 
 
@@ -51,16 +53,9 @@ def test_real_expert_equals_masked_dense(pipeline):
     dense, _ = backbone.load_dense("embedded")
     ids = tok("def add(a, b):\n    return a + b", return_tensors="pt").input_ids
     for e in range(2):
-        hooks = []
-        for (sh, ex), mlp in zip(moe.neuron_sets(), backbone.mlps(dense)):
-            mask = torch.zeros(mlp.down_proj.in_features)
-            mask[torch.cat([sh, ex[e]])] = 1
-            hooks.append(mlp.down_proj.register_forward_pre_hook(lambda m, i, k=mask: (i[0] * k,)))
         with torch.no_grad():
-            ref = dense(ids).logits
+            ref = masked_dense_logits(dense, ids, [torch.cat([sh, ex[e]]) for sh, ex in moe.neuron_sets()])
             got = moe(ids, expert_ids=e).logits
-        for h in hooks:
-            h.remove()
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     out = moe.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, ids.shape[1] + 4)
@@ -76,14 +71,7 @@ def test_real_gemma3_carves_exactly():
     moe = build_model(dense, domain_sets(torch.rand(3, L, I, generator=torch.Generator().manual_seed(0)), 0.5),
                       ["a", "b", "c"], 0.5, "domain", "embedded:gemma3")
     ids = tok("The capital of France is", return_tensors="pt").input_ids
-    hooks = []
-    for (sh, ex), mlp in zip(moe.neuron_sets(), mlps):
-        mask = torch.zeros(I)
-        mask[torch.cat([sh, ex[1]])] = 1
-        hooks.append(mlp.down_proj.register_forward_pre_hook(lambda m, i, k=mask: (i[0] * k,)))
     with torch.no_grad():
-        ref = dense(ids).logits
+        ref = masked_dense_logits(dense, ids, [torch.cat([sh, ex[1]]) for sh, ex in moe.neuron_sets()])
         got = moe(ids, expert_ids=1).logits
-    for h in hooks:
-        h.remove()
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)

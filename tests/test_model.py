@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from readmoe.carve import build_model, domain_sets
 from readmoe.modeling import ReadMEForCausalLM
 
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, masked_dense_logits, tiny_llama
 
 
 def carve(dense, n_domains=3, keep=0.5, seed=0):
@@ -17,19 +17,6 @@ def carve(dense, n_domains=3, keep=0.5, seed=0):
     g = torch.Generator().manual_seed(seed)
     sets = domain_sets(torch.rand(n_domains, layers, inter, generator=g), keep)
     return build_model(dense, sets, [f"d{i}" for i in range(n_domains)], keep, "domain", "test"), sets
-
-
-def masked_dense_logits(dense, ids, keep_sets):
-    hooks = []
-    for layer, keep in zip(dense.model.layers, keep_sets):
-        mask = torch.zeros(layer.mlp.down_proj.in_features)
-        mask[keep] = 1.0
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, inp, k=mask: (inp[0] * k,)))
-    try:
-        return dense(ids).logits
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def test_keep_all_one_domain_equals_dense(dense):

@@ -1,6 +1,7 @@
 """Teacher targets, router distillation and expert tuning on tiny models; resume; bad input."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def test_overlaps_hand_made():
 
         def forward(self, input_ids, use_cache=False):
             acts = torch.tensor([[[5.0, 1.0, 0.5, -4.0], [0.1, 0.2, 3.0, 2.0]]])  # [1, 2 tokens, 4 neurons]
-            return self.model.layers[0].mlp(acts[:, : input_ids.shape[1]])
+            return SimpleNamespace(logits=self.model.layers[0].mlp(acts[:, : input_ids.shape[1]]))  # like an HF output
 
     masks = [torch.tensor([[True, True, False, False], [False, False, True, True]])]
     ov = overlaps(Dense(), masks, torch.zeros(1, 2, dtype=torch.long), keep=0.5)

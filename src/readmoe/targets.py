@@ -40,12 +40,19 @@ def expert_masks(moe) -> list[torch.Tensor]:
 @torch.no_grad()
 def overlaps(dense, masks: list[torch.Tensor], input_ids: torch.Tensor, keep: float) -> torch.Tensor:
     """[B, T, L, E]: share of each token's top-`keep` dense neurons inside each routed expert."""
+    return overlaps_and_logits(dense, masks, input_ids, keep)[0]
+
+
+@torch.no_grad()
+def overlaps_and_logits(dense, masks: list[torch.Tensor], input_ids: torch.Tensor,
+                        keep: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The overlaps and the dense model's logits, from one forward pass."""
     acts: dict[int, torch.Tensor] = {}
     mlps = backbone.mlps(dense)
     hooks = [m.down_proj.register_forward_pre_hook(lambda _m, i, l=l: acts.__setitem__(l, i[0].detach()))
              for l, m in enumerate(mlps)]
     try:
-        dense(input_ids=input_ids, use_cache=False)
+        logits = dense(input_ids=input_ids, use_cache=False).logits
     finally:
         for h in hooks:
             h.remove()
@@ -55,7 +62,7 @@ def overlaps(dense, masks: list[torch.Tensor], input_ids: torch.Tensor, keep: fl
         k = max(1, round(keep * a.shape[-1]))
         top = torch.zeros_like(a).scatter_(-1, a.topk(k, dim=-1).indices, 1.0)
         out.append(top @ mask.T.to(top.dtype) / k)
-    return torch.stack(out, dim=2)
+    return torch.stack(out, dim=2), logits
 
 
 def oracle_labels(ov: torch.Tensor) -> torch.Tensor:
