@@ -14,15 +14,25 @@ def test_workflow_calibrate_carve_eval_generate(workflow, tmp_path, corpus_dir, 
     assert carve_report["experts"] == ["chat", "code", "prose"] and len(carve_report["layers"]) == 2
     report = tmp_path / "r.json"
     code, out, err = run(monkeypatch, capsys, "eval", "--model", model, "--corpus", corpus_dir, "--out", report,
-                         "--seqs", 2, "--seq-len", 32)
+                         "--seqs", 2, "--seq-len", 32, "--mmlu", 6)
     assert code == 0, err
     data = json.loads(report.read_text())
     assert set(data["perplexity"]) == {"dense", "readme", "domain_oracle", "oracle", "random"}
     assert 0.0 <= data["router"]["accuracy"] <= 1.0 and data["router"]["params"] > 0
+    assert 0.0 < data["router"]["time_share"] < 1.0
+    assert set(data["mmlu"]) == {"dense", "readme"} and data["settings"]["mmlu_questions"] == 6
+    assert all(v in {0, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1} for v in data["mmlu"].values())
+    load = data["routing"]["load"]["readme"]
+    assert set(load) == {"chat", "code", "prose"} and all(abs(sum(v) - 1) < 1e-5 for v in load.values())
+    assert len(data["routing"]["adjacent_mi_bits"]["oracle"]) == 1 and 0 <= data["routing"]["keep_previous"]["readme"] <= 1
     for variant in data["perplexity"].values():
         assert set(variant) == {"chat", "code", "prose"} and all(v > 1 for v in variant.values())
-    assert report.with_suffix(".md").read_text().startswith("# Validation perplexity")
+    assert report.with_suffix(".md").read_text().startswith("# Quality report")
     assert report.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "r_routing.png").read_bytes()[:4] == b"\x89PNG"
+    fails(monkeypatch, capsys, "no training record", "eval", "--model", model, "--corpus", corpus_dir, "--out", report,
+          "--baselines", "all")
+    fails(monkeypatch, capsys, "--mmlu", "eval", "--model", model, "--corpus", corpus_dir, "--out", report, "--mmlu", "x")
     assert (model / "carve_report.png").read_bytes()[:4] == b"\x89PNG"
     code, out, err = run(monkeypatch, capsys, "generate", "--model", model, "--prompt", "def f", "--max-tokens", 5,
                          "--expert", "code")

@@ -125,5 +125,18 @@ def test_cli_train_then_eval(tmp_path, workflow, corpus_dir, monkeypatch, capsys
                          "--rounds", 1, "--router-steps", 5, "--expert-steps", 1, "--seq-len", 32, "--batch-tokens", 64)
     assert code == 0, err
     code, out, err = run(monkeypatch, capsys, "eval", "--model", tmp_path / "t", "--corpus", corpus_dir, "--out",
-                         tmp_path / "r.json", "--seqs", 1, "--seq-len", 32)
+                         tmp_path / "r.json", "--seqs", 1, "--seq-len", 32, "--baselines", "all", "--mmlu", 4)
     assert code == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert {"dense", "readme", "pruned", "layerwise", "oracle", "random"} <= set(data["perplexity"])
+    assert set(data["mmlu"]) == {"dense", "readme", "pruned"}
+    assert set(data["params"]) >= {"total", "active", "router"} and set(data["router"]) >= {"accuracy", "params", "time_share"}
+    assert {k: len(v) for k, v in data["recovery"].items()} == {"readme": 2, "pruned": 2, "layerwise": 2}
+    assert "layerwise" in data["routing"]["keep_previous"] and (tmp_path / "r_recovery.png").exists()
+    for b in ("pruned", "layerwise"):
+        assert json.loads((tmp_path / "t" / "baselines" / b / "train" / "state.json").read_text())["complete"]
+    # a second eval reuses the trained baselines instead of training again
+    code, out, err = run(monkeypatch, capsys, "eval", "--model", tmp_path / "t", "--corpus", corpus_dir, "--out",
+                         tmp_path / "r2.json", "--seqs", 1, "--seq-len", 32, "--baselines", "pruned", "--mmlu", "none")
+    assert code == 0, err and "training baseline" not in out
+    assert json.loads((tmp_path / "r2.json").read_text())["mmlu"] == {}

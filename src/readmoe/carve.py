@@ -83,8 +83,7 @@ def cluster_sets(stats: Stats, num_experts: int, keep: float) -> Sets:
     if keep < 1.0 / K:
         raise UserError(f"--keep {keep} is below 1/--experts ({1 / K:.3f}): every neuron is in some expert in domain-free mode")
     s = (keep * K - 1) / (K - 1)
-    w = torch.tensor(stats.tokens, dtype=torch.float32)
-    mean = (stats.mean * (w / w.sum())[:, None, None]).sum(0)  # [L, I]
+    mean = neuron_scores(stats)  # [L, I]
     L, I = mean.shape
     n_shared = round(s * I)
     shared, experts = [], []
@@ -114,19 +113,30 @@ def router_dims(hidden: int, dim: int | None) -> dict:
 
 @torch.no_grad()
 def build_model(dense, sets: Sets, names: list[str], keep: float, mode: str, parent: str,
-                router_dim: int | None = None, seed: int = 0) -> ReadMEForCausalLM:
-    """Deterministic: the same inputs give the same checkpoint (the router's random init is seeded)."""
+                router_dim: int | None = None, seed: int = 0, scores: torch.Tensor | None = None,
+                routing: str = "pregate") -> ReadMEForCausalLM:
+    """Deterministic: the same inputs give the same checkpoint (the router's random init is seeded).
+    `scores` [L, I] (neuron importance) is stored for the pruned baseline."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _build_model(dense, sets, names, keep, mode, parent, router_dim)
+        model = _build_model(dense, sets, names, keep, mode, parent, router_dim, routing)
+    if scores is not None:
+        model.neuron_scores.copy_(scores)
+    return model
 
 
-def _build_model(dense, sets: Sets, names, keep, mode, parent, router_dim) -> ReadMEForCausalLM:
+def neuron_scores(stats: Stats) -> torch.Tensor:
+    """[L, I] token-weighted mean |activation| over domains: one ranking of every layer's neurons."""
+    w = torch.tensor(stats.tokens, dtype=torch.float32)
+    return (stats.mean.float() * (w / w.sum())[:, None, None]).sum(0)
+
+
+def _build_model(dense, sets: Sets, names, keep, mode, parent, router_dim, routing="pregate") -> ReadMEForCausalLM:
     shared, experts = sets
     tc = text_config_of(dense)
     cfg = ReadMEConfig(text_config=tc, expert_names=list(names), shared_sizes=[len(s) for s in shared],
                        expert_sizes=[[len(e) for e in ex] for ex in experts], keep=keep, carve_mode=mode,
-                       parent_model=parent, parent_fingerprint=backbone.fingerprint(dense),
+                       parent_model=parent, parent_fingerprint=backbone.fingerprint(dense), routing=routing,
                        **router_dims(tc.hidden_size, router_dim))
     model = ReadMEForCausalLM(cfg)
     sd = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
@@ -139,7 +149,8 @@ def _build_model(dense, sets: Sets, names, keep, mode, parent, router_dim) -> Re
         for e, idx in enumerate(experts[l]):
             _fill(mm.experts[e], dm, idx, down_bias=False)
     model.backbone.tie_weights()
-    model.router.init_embedding_from(dense.get_input_embeddings().weight)
+    if model.router is not None:
+        model.router.init_embedding_from(dense.get_input_embeddings().weight)
     model.eval()
     return model
 
@@ -164,7 +175,7 @@ def param_summary(model: ReadMEForCausalLM) -> dict:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
-    router = sum(p.numel() for p in model.router.parameters())
+    router = sum(p.numel() for p in model.router_parameters())
     routed = sum(sum(p.numel() for p in e.parameters()) for m in model.moe_layers() for e in m.experts)
     mean_routed = sum(sum(sum(p.numel() for p in e.parameters()) for e in m.experts) / max(len(m.experts), 1)
                       for m in model.moe_layers())

@@ -69,7 +69,8 @@ def carve(
 
 
 def carve_and_save(dense, tok, model_spec, st, keep, out, experts=None, router_dim=None):
-    from .carve import build_model, carve_table, check_stats_match, cluster_sets, dense_params, domain_sets, param_summary
+    from .carve import (build_model, carve_table, check_stats_match, cluster_sets, dense_params, domain_sets, neuron_scores,
+                        param_summary)
     from .errors import atomic_dir
     from . import report
 
@@ -81,7 +82,7 @@ def carve_and_save(dense, tok, model_spec, st, keep, out, experts=None, router_d
     else:
         sets, names, mode = cluster_sets(st, experts, keep), [f"cluster{i}" for i in range(experts)], "domain-free"
     parent = model_spec if model_spec.startswith("embedded") or not Path(model_spec).exists() else str(Path(model_spec).resolve())
-    moe = build_model(dense, sets, names, keep, mode, parent, router_dim)
+    moe = build_model(dense, sets, names, keep, mode, parent, router_dim, scores=neuron_scores(st))
     table, params, dense_total = carve_table(moe), param_summary(moe), dense_params(dense)
     with atomic_dir(out) as tmp:
         moe.save_pretrained(tmp)
@@ -103,19 +104,26 @@ def carve_and_save(dense, tok, model_spec, st, keep, out, experts=None, router_d
 def eval_(
     model: Path = typer.Option(..., help="readmoe checkpoint directory"),
     corpus: str = typer.Option("embedded", help=CORPUS_HELP),
-    out: Path = typer.Option(..., help="report JSON to write (a .md table is written beside it)"),
+    out: Path = typer.Option(..., help="report JSON to write (.md and .png files are written beside it)"),
     seqs: int = typer.Option(4, help="validation sequences per domain"),
     seq_len: int = typer.Option(512, help="tokens per sequence"),
     domains: Optional[str] = typer.Option(None, help="comma-separated subset of the corpus's domains"),
     dense: Optional[str] = typer.Option(None, help="dense parent (default: the one recorded at carve time); 'none' to skip"),
+    baselines: str = typer.Option("none", help="'all', 'none' or a list of pruned,layerwise: trained with the model's "
+                                              "own budget into MODEL/baselines/ (resumable), then evaluated"),
+    mmlu: str = typer.Option("1000", help="MMLU questions (seeded subset) for dense, readme and pruned; 'all' or 'none'"),
 ):
-    """Per-domain validation perplexity of the dense parent and of the MoE (router and domain-oracle routing)."""
+    """The quality report: per-domain perplexity of the MoE against the dense parent and baselines, MMLU,
+    router accuracy and cost, routing statistics, parameters."""
     from . import backbone
+    from . import mmlu as mmlu_mod
+    from .baselines import parse
     from .corpus import Corpus
     from .modeling import load_readme
 
     if seqs < 1 or seq_len < 2:
         raise UserError("--seqs must be >= 1 and --seq-len >= 2")
+    wanted, n_mmlu = parse(baselines), mmlu_mod.parse_count(mmlu)
     c = Corpus(corpus)
     names = c.select(_domains(domains))
     backbone.env_threads()
@@ -124,35 +132,119 @@ def eval_(
     dm = None
     if parent and parent != "none":
         dm, _ = backbone.load_dense(parent)
-    run_eval(moe, dm, tok, c, names, seqs, seq_len, out)
+    elif wanted:
+        raise UserError("baselines are built from the dense parent: drop --dense none or --baselines")
+    base = ensure_baselines(Path(model), moe, dm, tok, wanted)
+    run_eval(moe, dm, tok, c, names, seqs, seq_len, out, baselines=base, mmlu_n=n_mmlu, model_dir=Path(model))
 
 
-def run_eval(moe, dense, tok, corpus, names, seqs, seq_len, out):
-    from . import report
+def ensure_baselines(model_dir: Path, moe, dense, tok, wanted: list[str], progress: bool = True) -> dict:
+    """Each baseline trained with the MoE's own budget, data and seed, into MODEL/baselines/NAME (resumable)."""
+    from .baselines import build
+    from .corpus import Corpus
+    from .modeling import load_readme
+    from .train import is_complete, saved_config, train as run_train
+
+    if not wanted:
+        return {}
+    saved = saved_config(model_dir)
+    if saved is None:
+        raise UserError(f"{model_dir} has no training record, so baselines cannot match its budget; "
+                        "run `readmoe train` first or drop --baselines")
+    cfg, domains, corpus_spec = saved
+    out = {}
+    for name in wanted:
+        d = model_dir / "baselines" / name
+        if is_complete(d):
+            out[name], _ = load_readme(str(d))
+            continue
+        typer.echo(f"training baseline '{name}' with the budget of {model_dir} ({cfg.rounds} rounds, "
+                   f"{cfg.expert_steps} expert steps of {cfg.batch_tokens} tokens)")
+        m = build(name, moe, dense)
+        run_train(m, dense, tok, Corpus(corpus_spec), domains, cfg, d, progress=progress,
+                  targets_from=model_dir / "train" / "targets.safetensors")
+        m.eval()
+        out[name] = m
+    return out
+
+
+def run_eval(moe, dense, tok, corpus, names, seqs, seq_len, out, baselines=None, mmlu_n: int | None = 0,
+             model_dir: Path | None = None):
+    from . import assets, mmlu, report
     from .carve import dense_params, param_summary
-    from .evaluate import domain_perplexities
+    from .evaluate import domain_perplexities, router_time_share
 
     t0 = time.time()
-    ppl, router = domain_perplexities(moe, dense, tok, corpus, names, seqs, seq_len)
+    baselines = baselines or {}
+    out = Path(out)
+    ppl, router, routing = domain_perplexities(moe, dense, tok, corpus, names, seqs, seq_len, baselines=baselines)
     params = param_summary(moe)
     router["params"] = params["router"]
-    data = {"perplexity": ppl, "router": router, "params": {"total": params["total"], "active": params["active"], "router": params["router"],
-                                          "dense": dense_params(dense) if dense is not None else None},
+    prompt = corpus.sequences(tok, names[0], "validation", 1, 64)
+    router["time_share"] = router_time_share(moe, prompt)
+    scores = {}
+    if mmlu_n != 0:
+        qs = mmlu.load(assets.mmlu_jsonl(), mmlu_n)
+        models = {"dense": dense, "readme": moe, "pruned": baselines.get("pruned")}
+        for v, m in models.items():
+            if m is not None:
+                scores[v] = mmlu.score(m, tok, qs, desc=f"mmlu {v}")["accuracy"]
+    curves = {}
+    if model_dir is not None:
+        curves["readme"] = report.recovery_curve(model_dir / "train" / "log.jsonl")
+        for name in baselines:
+            curves[name] = report.recovery_curve(model_dir / "baselines" / name / "train" / "log.jsonl")
+    curves = {k: v for k, v in curves.items() if v}
+    data = {"perplexity": ppl, "mmlu": scores, "router": router,
+            "params": {"total": params["total"], "active": params["active"], "router": params["router"],
+                       "dense": dense_params(dense) if dense is not None else None},
+            "routing": routing, "recovery": {k: [list(p) for p in v] for k, v in curves.items()},
             "settings": {"corpus": corpus.spec, "seqs": seqs, "seq_len": seq_len, "keep": moe.config.keep,
-                         "experts": list(moe.config.expert_names)}, "seconds": round(time.time() - t0, 1)}
+                         "experts": list(moe.config.expert_names), "mmlu_questions": len(qs) if mmlu_n != 0 else 0},
+            "seconds": round(time.time() - t0, 1)}
+    pngs = {k: out.with_name(f"{out.stem}_{k}.png") for k in ("routing", "recovery")}
     h, rows = report.perplexity_rows(ppl)
-    md = (f"# Validation perplexity\n\n{seqs} x {seq_len} tokens per domain; `domain_oracle` routes each text to its own "
-          f"domain's expert, `readme` uses the model's router, `oracle` gives each token the expert holding most of "
-          f"its top dense neurons, `random` picks uniformly.\n\n" + report.markdown_table(h, rows)
-          + (f"\nRouter top-1 accuracy against oracle labels: {100 * router['accuracy']:.1f} %\n"
-             if router.get("accuracy") is not None else "")
-          + f"\n![perplexity]({Path(out).with_suffix('.png').name})\n")
+    md = (f"# Quality report\n\n## Validation perplexity\n\n{seqs} x {seq_len} tokens per domain. `readme` uses the "
+          f"model's pre-gating router; `pruned` is a dense model of the same active MLP size and `layerwise` the same "
+          f"experts behind a linear router per layer, both trained with the same budget; `domain_oracle` routes each "
+          f"text to its own domain's expert, `oracle` gives each token the expert holding most of its top dense "
+          f"neurons, `random` picks uniformly.\n\n" + report.markdown_table(h, rows)
+          + f"\n![perplexity]({out.with_suffix('.png').name})\n")
+    if scores:
+        md += (f"\n## MMLU (cloze, {data['settings']['mmlu_questions']} questions, chance 25 %)\n\n"
+               + report.markdown_table(["variant", "accuracy %"], [[k, 100 * v] for k, v in scores.items()]))
+    share = router.get("time_share")
+    md += ("\n## Router\n\n" + report.markdown_table(["", "value"], [
+        ["top-1 accuracy vs oracle labels %", 100 * router["accuracy"] if router.get("accuracy") is not None else None],
+        ["parameters", params["router"]],
+        ["share of batch-1 decode time %", 100 * share if share is not None else None]]))
+    kp = routing.get("keep_previous", {})
+    md += ("\n## Routing statistics\n\nHow often a token keeps the previous token's expert (the paper: 71 % for Read-ME, "
+           "21 % for Mixtral):\n\n" + report.markdown_table(["routing", "keep previous %"], [[k, 100 * v] for k, v in kp.items()]))
+    mi = routing.get("adjacent_mi_bits", {})
+    if mi:
+        md += (f"\nMutual information between adjacent layers' expert choices (bits; {routing['max_mi_bits']:.2f} = "
+               f"fully determined):\n\n" + report.markdown_table(
+                   ["choices", "mean", "min", "max"], [[k, sum(v) / len(v), min(v), max(v)] for k, v in mi.items() if v]))
+    md += f"\n![routing]({pngs['routing'].name})\n"
+    if curves:
+        md += f"\n## Recovery\n\n![recovery]({pngs['recovery'].name})\n"
+    md += ("\n## Parameters\n\n" + report.markdown_table(["", "count"], [
+        ["MoE total", params["total"]], ["MoE active per token", params["active"]], ["router", params["router"]],
+        ["dense parent", data["params"]["dense"]]]))
     report.write(out, data, md)
-    report.plot_perplexity(ppl, Path(out).with_suffix(".png"))
+    report.plot_perplexity(ppl, out.with_suffix(".png"))
+    report.plot_routing(routing, list(moe.config.expert_names), pngs["routing"])
+    if curves:
+        report.plot_recovery(curves, pngs["recovery"])
     report.print_table("validation perplexity", h, rows)
+    if scores:
+        report.print_table("MMLU accuracy %", ["variant", "accuracy"], [[k, 100 * v] for k, v in scores.items()])
     if router.get("accuracy") is not None:
         typer.echo(f"router top-1 accuracy against oracle labels: {100 * router['accuracy']:.1f} %")
-    typer.echo(f"wrote {out}, {Path(out).with_suffix('.md')} and {Path(out).with_suffix('.png')}")
+    if share is not None:
+        typer.echo(f"router share of batch-1 decode time: {100 * share:.2f} %")
+    typer.echo(f"wrote {out}, {out.with_suffix('.md')} and the plots beside it")
     return data
 
 
@@ -236,10 +328,15 @@ def demo(
     eval_seqs: int = typer.Option(4, help="validation sequences per domain"),
     keep: float = typer.Option(0.5, help="share of neurons each domain keeps"),
     budget: str = typer.Option("demo", help="training budget: demo, full, paper"),
+    baselines: str = typer.Option("all", help="baselines to train and compare: 'all', 'none' or pruned,layerwise"),
+    mmlu: str = typer.Option("300", help="MMLU questions for dense, readme and pruned (`readmoe eval` defaults to 1000)"),
 ):
-    """The whole pipeline on the embedded default: calibrate, carve, train, evaluate; prints the tables.
+    """The whole pipeline on the embedded default: calibrate, carve, train, baselines, evaluate; prints the tables.
 
-    Writes DIR/stats.safetensors, DIR/carved (the carved MoE), DIR/model (the trained MoE) and DIR/report.json."""
+    Writes DIR/stats.safetensors, DIR/carved (the carved MoE), DIR/model (the trained MoE, its baselines under
+    DIR/model/baselines) and DIR/report.json (+ .md and plots)."""
+    from . import mmlu as mmlu_mod
+    from .baselines import parse
     from . import backbone
     from .calibrate import calibrate as run_calibrate
     from .carve import check_keep
@@ -248,6 +345,7 @@ def demo(
 
     check_keep(keep)
     cfg = make_config(budget)
+    wanted, n_mmlu = parse(baselines), mmlu_mod.parse_count(mmlu)
     t0 = time.time()
     backbone.env_threads()
     c = Corpus("embedded")
@@ -259,7 +357,11 @@ def demo(
     typer.echo(f"[{time.time() - t0:5.0f}s] carved")
     run_train(moe, dense, tok, c, c.domains, cfg, out / "model")
     typer.echo(f"[{time.time() - t0:5.0f}s] trained ({budget} budget)")
-    run_eval(moe, dense, tok, c, c.domains, eval_seqs, seq_len, out / "report.json")
+    base = ensure_baselines(out / "model", moe, dense, tok, wanted)
+    if base:
+        typer.echo(f"[{time.time() - t0:5.0f}s] trained baselines {', '.join(base)}")
+    run_eval(moe, dense, tok, c, c.domains, eval_seqs, seq_len, out / "report.json", baselines=base, mmlu_n=n_mmlu,
+             model_dir=out / "model")
     typer.echo(f"[{time.time() - t0:5.0f}s] done: {out}")
 
 

@@ -34,6 +34,7 @@ class ReadMEConfig(PreTrainedConfig):
     expert_sizes: list[list[int]] | None = None
     keep: float = 0.5
     carve_mode: str = "domain"
+    routing: str = "pregate"  # "pregate" (the router over token ids) or "layerwise" (a linear gate per layer: baseline)
     router_dim: int = 128
     router_heads: int = 4
     router_layers: int = 1
@@ -56,6 +57,8 @@ class ReadMEConfig(PreTrainedConfig):
             raise ValueError(f"shared_sizes/expert_sizes must have one entry per layer ({n_layers})")
         if any(len(s) != len(self.expert_names) for s in self.expert_sizes):
             raise ValueError("every layer needs one expert size per expert name")
+        if self.routing not in ("pregate", "layerwise"):
+            raise ValueError(f"routing must be 'pregate' or 'layerwise', not {self.routing!r}")
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
     @property
@@ -104,6 +107,8 @@ class ReadMEPreTrainedModel(PreTrainedModel):
             module.weight.fill_(1.0)
         elif isinstance(module, GatedMLP):
             module.neuron_idx.copy_(torch.arange(module.size))
+        elif isinstance(module, ReadMEForCausalLM):
+            module.neuron_scores.zero_()
         elif hasattr(self, "backbone") and module is not self and not isinstance(module, ReadMEPreTrainedModel):
             self.backbone._init_weights(module)
 
@@ -116,10 +121,13 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
         self.routing = Routing()
         act = ACT2FN[hidden_act(tc)]
         bias = bool(getattr(tc, "mlp_bias", False))
+        layerwise = config.routing == "layerwise"
         for i, layer in enumerate(self.backbone.model.layers):
             layer.mlp = ReadMEMLP(tc.hidden_size, config.shared_sizes[i], config.expert_sizes[i], act, self.routing,
-                                  bias=bias, down_bias=bias)
-        self.router = PreGatingRouter(config.router_config())
+                                  bias=bias, down_bias=bias, layer_idx=i, layerwise=layerwise)
+        self.router = None if layerwise else PreGatingRouter(config.router_config())
+        # Calibrated importance of every dense neuron (mean |activation| over domains): the pruned baseline's ranking.
+        self.register_buffer("neuron_scores", torch.zeros(tc.num_hidden_layers, tc.intermediate_size))
         self.post_init()
 
     # ------------------------------------------------------------ HF plumbing
@@ -136,6 +144,15 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
     def num_experts(self) -> int:
         return self.config.num_experts
 
+    @property
+    def layerwise(self) -> bool:
+        return self.config.routing == "layerwise"
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        if self.layerwise:
+            return [m.gate.weight for m in self.moe_layers()]
+        return list(self.router.parameters())
+
     def moe_layers(self) -> list[ReadMEMLP]:
         return [layer.mlp for layer in self.backbone.model.layers]
 
@@ -146,13 +163,15 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Expert id of every token [B, T], from the router alone: the backbone does not run."""
+        if self.layerwise:
+            raise ValueError("a layer-wise routed model picks experts inside the backbone; it cannot route ahead")
         logits, _ = self.router(input_ids, attention_mask)
         return logits.argmax(-1)
 
     def _expert_ids(self, expert_ids, input_ids) -> torch.Tensor:
         if isinstance(expert_ids, int) or (torch.is_tensor(expert_ids) and expert_ids.dim() == 0):
             expert_ids = torch.full_like(input_ids, int(expert_ids))
-        if expert_ids.shape != input_ids.shape:
+        if expert_ids.shape != input_ids.shape and expert_ids.shape != (*input_ids.shape, self.config.text_config.num_hidden_layers):
             raise ValueError(f"expert_ids shape {tuple(expert_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
         if expert_ids.numel() and (int(expert_ids.min()) < 0 or int(expert_ids.max()) >= self.num_experts):
             raise ValueError(f"expert ids must lie in [0, {self.num_experts})")
@@ -163,11 +182,14 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
                 expert_ids: torch.LongTensor | int | None = None, router_cache: RouterCache | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs) -> ReadMEOutput:
         """`expert_ids` (LongTensor [B, T], or one int for all tokens) fixes the routed expert of each
-        token in every layer; otherwise the router decides from the token ids."""
+        token in every layer ([B, T, L]: per layer); otherwise the router decides from the token ids
+        (or, in a layer-wise model, each layer's gate from its hidden state)."""
         if input_ids is None:
             raise ValueError("ReadMEForCausalLM needs input_ids: the pre-gating router reads token ids")
         router_logits, new_router_cache = None, None
-        if expert_ids is None:
+        if expert_ids is None and self.layerwise:
+            pass  # the gates decide inside every layer
+        elif expert_ids is None:
             keep_cache = bool(use_cache) or past_key_values is not None
             router_logits, new_router_cache = self.router(input_ids, attention_mask, router_cache if keep_cache else None)
             if not keep_cache:

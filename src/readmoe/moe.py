@@ -16,7 +16,8 @@ class Routing:
     """Expert ids for the forward in flight, shared by every MoE layer of a model."""
 
     def __init__(self):
-        self.expert_ids: torch.Tensor | None = None  # LongTensor [B, T]
+        self.expert_ids: torch.Tensor | None = None  # LongTensor [B, T], or [B, T, L] for one path per layer
+        self.record: list[torch.Tensor] | None = None  # layer-wise gates append their logits here when set
 
 
 class GatedMLP(nn.Module):
@@ -40,11 +41,16 @@ class GatedMLP(nn.Module):
 
 
 class ReadMEMLP(nn.Module):
+    """Shared expert + routed experts. With `layerwise=True` a linear gate on this layer's hidden state picks
+    the expert (the conventional MoE design, kept as a baseline); otherwise the ids come from `routing`."""
+
     def __init__(self, hidden: int, shared_size: int, expert_sizes: list[int], act: nn.Module, routing: Routing,
-                 bias: bool = False, down_bias: bool = False):
+                 bias: bool = False, down_bias: bool = False, layer_idx: int = 0, layerwise: bool = False):
         super().__init__()
         self.shared = GatedMLP(hidden, shared_size, act, bias, down_bias)
         self.experts = nn.ModuleList(GatedMLP(hidden, s, act, bias, False) for s in expert_sizes)
+        self.gate = nn.Linear(hidden, len(expert_sizes), bias=False) if layerwise else None
+        self.layer_idx = layer_idx
         self._routing = [routing]  # a list keeps it out of the module tree and the state dict
 
     @property
@@ -53,8 +59,15 @@ class ReadMEMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.routing.expert_ids
-        if ids is None:
+        if ids is None and self.gate is not None:
+            logits = self.gate(x)
+            if self.routing.record is not None:
+                self.routing.record.append(logits)
+            ids = logits.argmax(-1)
+        elif ids is None:
             raise RuntimeError("ReadMEMLP called without expert ids; call ReadMEForCausalLM, not its backbone")
+        elif ids.dim() == x.dim():  # [B, T, L]: one expert per token and layer
+            ids = ids[..., self.layer_idx]
         out = self.shared(x)
         flat = x.reshape(-1, x.shape[-1])
         ids = ids.reshape(-1)

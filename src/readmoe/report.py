@@ -121,3 +121,63 @@ def plot_carve(table: list[dict], path: Path) -> None:
     ax.set_ylabel("% of the layer's dense neurons")
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def plot_routing(stats: dict, expert_names: list[str], path: Path) -> None:
+    """Three panels: the router's expert load per domain (heatmap), how often a token keeps the previous token's
+    expert, and the mutual information between adjacent layers' expert choices."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    load = stats.get("load", {}).get("readme", {})
+    ax = axes[0]
+    if load:
+        domains = list(load)
+        im = ax.imshow([load[d] for d in domains], cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(expert_names)), expert_names, rotation=30, fontsize=8)
+        ax.set_yticks(range(len(domains)), domains, fontsize=8)
+        for i, d in enumerate(domains):
+            for j, v in enumerate(load[d]):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title("router's expert load per domain", fontsize=9)
+    ax = axes[1]
+    kp = stats.get("keep_previous", {})
+    ax.bar(list(kp), [100 * v for v in kp.values()], color="tab:blue")
+    for i, v in enumerate(kp.values()):
+        ax.text(i, 100 * v + 1, f"{100 * v:.0f}%", ha="center", fontsize=8)
+    ax.set_ylabel("% of tokens")
+    ax.set_ylim(0, 105)
+    ax.set_title("token keeps the previous token's expert", fontsize=9)
+    ax = axes[2]
+    for variant, mi in stats.get("adjacent_mi_bits", {}).items():
+        ax.plot(range(len(mi)), mi, marker=".", label=f"{variant} choices")
+    if "max_mi_bits" in stats:
+        ax.axhline(stats["max_mi_bits"], ls="--", c="gray", lw=0.8, label="log2(E): fully determined")
+    ax.set_xlabel("layer pair (l, l+1)")
+    ax.set_ylabel("mutual information (bits)")
+    ax.set_title("redundancy of per-layer routing", fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_recovery(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    """Validation perplexity against expert-tuning tokens, one line per trained variant."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for variant, pts in curves.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
+    ax.set_xlabel("training tokens (expert tuning)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def recovery_curve(log_file: Path) -> list[tuple[int, float]]:
+    import json
+
+    if not Path(log_file).exists():
+        return []
+    rows = [json.loads(ln) for ln in Path(log_file).read_text().splitlines() if ln.strip()]
+    return [(r["tokens"], r["ppl"]) for r in rows if r.get("phase") == "eval"]

@@ -61,7 +61,7 @@ def overlaps_and_logits(dense, masks: list[torch.Tensor], input_ids: torch.Tenso
         a = acts[l].abs()
         k = max(1, round(keep * a.shape[-1]))
         top = torch.zeros_like(a).scatter_(-1, a.topk(k, dim=-1).indices, 1.0)
-        out.append(top @ mask.T.to(top.dtype) / k)
+        out.append(top @ mask.T.to(top.device, top.dtype) / k)
     return torch.stack(out, dim=2), logits
 
 
@@ -71,12 +71,14 @@ def oracle_labels(ov: torch.Tensor) -> torch.Tensor:
 
 
 def distill_loss(router_logits: torch.Tensor, ov: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
-    """Mean over layers of CE(hard label) + KL(soft target || router), averaged over tokens."""
-    logp = F.log_softmax(router_logits.float(), -1)  # [B, T, E]
+    """Mean over layers of CE(hard label) + KL(soft target || router), averaged over tokens.
+
+    `router_logits` [B, T, E] (pre-gating: one distribution serves every layer) or [B, T, L, E] (layer-wise gates)."""
+    logp = F.log_softmax(router_logits.float(), -1)
     ov = ov.float()
     hard = ov.argmax(-1)  # [B, T, L]
     soft = F.softmax(ov / tau, -1)
-    logp_l = logp.unsqueeze(2).expand_as(ov)  # the same routing distribution serves every layer
+    logp_l = logp if logp.dim() == ov.dim() else logp.unsqueeze(2).expand_as(ov)
     ce = -logp_l.gather(-1, hard.unsqueeze(-1)).squeeze(-1).mean()
     kl = (soft * (soft.clamp_min(1e-9).log() - logp_l)).sum(-1).mean()
     return ce + kl
@@ -88,14 +90,14 @@ def compute_targets(dense, moe, seqs: torch.Tensor, path: Path, batch_size: int 
             "experts": list(moe.config.expert_names), "shape": list(seqs.shape)}
     if path.exists():
         cached = load_targets(path)
-        if cached is not None and cached[2] == meta and torch.equal(cached[0], seqs):
+        if cached is not None and cached[2] == meta and torch.equal(cached[0], seqs.cpu()):
             return cached[1]
     masks = expert_masks(moe)
     parts = [overlaps(dense, masks, seqs[b:b + batch_size], moe.config.keep).half()
              for b in tqdm(range(0, len(seqs), batch_size), desc="teacher targets", disable=not progress)]
     ov = torch.cat(parts)
     with atomic_file(path) as tmp:
-        save_file({"input_ids": seqs.contiguous(), "overlaps": ov.contiguous()}, str(tmp),
+        save_file({"input_ids": seqs.cpu().contiguous(), "overlaps": ov.cpu().contiguous()}, str(tmp),
                   metadata={"readmoe": json.dumps(meta)})
     return ov
 
@@ -110,5 +112,5 @@ def load_targets(path: Path):
 
 
 def check_router(moe) -> None:
-    if not hasattr(moe, "router") or moe.num_experts < 2:
+    if moe.num_experts < 2:
         raise UserError("this checkpoint has fewer than 2 routed experts: there is nothing for a router to choose")

@@ -6,6 +6,10 @@ choices as fixed routing. Learning rates follow a cosine within a round and
 shrink by `lr_decay` per round (the paper's recipe). The checkpoint and a
 state file are written after every phase, so a killed run resumes at the next
 phase and ends with the same weights as an uninterrupted one (seeded).
+
+Runs through `accelerate`: `accelerate launch -m readmoe.cli train ...` on
+several GPUs or nodes splits every global batch across processes (DDP); a
+plain `readmoe train` is one process on the best device.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import backbone
 from .corpus import Corpus
 from .errors import UserError, atomic_write_json, atomic_write_text
+from .evaluate import perplexity
 from .targets import compute_targets, distill_loss, oracle_labels
 
 
@@ -103,63 +109,129 @@ def _load_weights(moe, out: Path) -> None:
         raise UserError(f"cannot resume from {out}: its weights do not match the model; delete it or choose another --out")
 
 
-def router_phase(moe, seqs, ov, labels, cfg: TrainConfig, rnd: int, log, progress: bool) -> None:
+def make_accelerator():
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    # experts a batch does not touch get no gradient: DDP must allow unused parameters
+    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def _local(acc, idx: torch.Tensor) -> torch.Tensor:
+    """This process's share of a global batch (all processes draw the same indices from the same seed)."""
+    if len(idx) < acc.num_processes:
+        raise UserError(f"--batch-tokens gives {len(idx)} sequences per step, fewer than the {acc.num_processes} processes")
+    return idx[acc.process_index::acc.num_processes]
+
+
+class _Gates(nn.Module):
+    """The layer-wise baseline's gates as one module, so accelerate can wrap them."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.gates = nn.ModuleList(m.gate for m in moe.moe_layers())
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:  # [B, T, L, H] -> [B, T, L, E]
+        return torch.stack([g(feats[:, :, l]) for l, g in enumerate(self.gates)], dim=2)
+
+
+@torch.no_grad()
+def layer_inputs(moe, seqs: torch.Tensor, ov: torch.Tensor, batch: int = 4, progress: bool = True) -> torch.Tensor:
+    """[N, T, L, H] fp16: every MoE layer's input, with each layer routed by its own oracle label (teacher forcing)."""
+    hard = ov.float().argmax(-1)
+    layers, store = moe.moe_layers(), {}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, l=l: store.__setitem__(l, a[0].detach().half()))
+             for l, m in enumerate(layers)]
+    parts = []
+    try:
+        for b in tqdm(range(0, len(seqs), batch), desc="layer inputs", disable=not progress, leave=False):
+            moe(input_ids=seqs[b:b + batch], expert_ids=hard[b:b + batch].to(seqs.device), use_cache=False, logits_to_keep=1)
+            parts.append(torch.stack([store[l] for l in range(len(layers))], dim=2).cpu())
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(parts)
+
+
+def router_phase(moe, seqs, ov, labels, cfg: TrainConfig, rnd: int, log, progress: bool, acc) -> None:
+    """Distil the routing from the teacher targets; the backbone is frozen. For a layer-wise model the gates
+    read each layer's input, recorded once per round."""
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 2 * rnd)
     lr0 = cfg.router_lr * cfg.lr_decay ** rnd
-    params = list(moe.router.parameters())
+    params = moe.router_parameters()
     moe.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
+    if moe.layerwise:
+        feats = layer_inputs(moe, seqs, ov, progress=progress)
+        module, labels = _Gates(moe), ov.float().argmax(-1)
+    else:
+        feats, module = seqs, moe.router
     opt = torch.optim.AdamW(params, lr=lr0, weight_decay=0.0)
+    module, opt = acc.prepare(module, opt)
     bar = tqdm(range(cfg.router_steps), desc=f"round {rnd + 1} router", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr0 * cosine(step, cfg.router_steps)
-        idx = torch.randint(0, len(seqs), (cfg.batch_seqs,), generator=g)
-        logits, _ = moe.router(seqs[idx])
-        loss = distill_loss(logits, ov[idx], cfg.tau)
+        idx = _local(acc, torch.randint(0, len(seqs), (cfg.batch_seqs,), generator=g))
+        if moe.layerwise:
+            logits = module(feats[idx].to(acc.device, torch.float32))
+        else:
+            logits, _ = module(feats[idx])
+        loss = distill_loss(logits, ov[idx].to(acc.device), cfg.tau)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, 1.0)
         opt.step()
-        acc = float((logits.argmax(-1) == labels[idx]).float().mean())
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-        log({"round": rnd, "phase": "router", "step": step, "loss": loss.item(), "router_acc": acc})
+        hit = float((logits.argmax(-1) == labels[idx].to(acc.device)).float().mean())
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{hit:.2f}")
+        log({"round": rnd, "phase": "router", "step": step, "loss": loss.item(), "router_acc": hit})
+    acc.free_memory()
     moe.requires_grad_(False)
 
 
-def expert_phase(moe, seqs, cfg: TrainConfig, rnd: int, log, progress: bool) -> None:
+def expert_phase(moe, seqs, cfg: TrainConfig, rnd: int, log, progress: bool, acc) -> None:
+    """LM loss on every non-router weight; the router's (or the gates') choices are fixed routing."""
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 2 * rnd + 1)
     lr0 = cfg.expert_lr * cfg.lr_decay ** rnd
-    params = [p for n, p in moe.named_parameters() if not n.startswith("router.")]
+    frozen = {id(p) for p in moe.router_parameters()}
+    params = [p for p in moe.parameters() if id(p) not in frozen]
     moe.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr0, weight_decay=0.0)
+    model, opt = acc.prepare(moe, opt)
     moe.train()
     bar = tqdm(range(cfg.expert_steps), desc=f"round {rnd + 1} experts", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr0 * cosine(step, cfg.expert_steps)
-        x = seqs[torch.randint(0, len(seqs), (cfg.batch_seqs,), generator=g)]
-        with torch.no_grad():
-            eids = moe.route(x)
-        loss = moe(input_ids=x, labels=x, expert_ids=eids, use_cache=False).loss
+        x = seqs[_local(acc, torch.randint(0, len(seqs), (cfg.batch_seqs,), generator=g))]
+        eids = None if moe.layerwise else moe.route(x)
+        loss = model(input_ids=x, labels=x, expert_ids=eids, use_cache=False).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, 1.0)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        log({"round": rnd, "phase": "experts", "step": step, "loss": loss.item(), "tokens": x.numel()})
+        log({"round": rnd, "phase": "experts", "step": step, "loss": loss.item(), "tokens": x.numel() * acc.num_processes})
+    acc.free_memory()
     moe.eval()
     moe.requires_grad_(False)
 
 
+def recovery_seqs(tok, corpus: Corpus, domains: list[str], cfg: TrainConfig, per_domain: int = 2) -> torch.Tensor:
+    """A small fixed validation set, evaluated after every expert phase: the recovery curve."""
+    return torch.cat([corpus.sequences(tok, d, "validation", per_domain, cfg.seq_len) for d in domains])
+
+
 def train(moe, dense, tok, corpus: Corpus, domains: list[str], cfg: TrainConfig, out: Path, progress: bool = True,
-          stop_after: int | None = None) -> list[dict]:
+          stop_after: int | None = None, targets_from: Path | None = None, accelerator=None) -> list[dict]:
     """Train in place and keep `out` (a checkpoint directory) current after every phase.
 
-    `stop_after` ends the run after that many phases (tests use it to simulate a kill)."""
+    Works for the MoE and for both baselines (a pruned model has no router phase; a layer-wise model trains its
+    gates). `targets_from` reuses another run's cached teacher targets when they match. `stop_after` ends the
+    run after that many phases (tests use it to simulate a kill)."""
+    acc = accelerator or make_accelerator()
     out = Path(out)
     work = out / "train"
     work.mkdir(parents=True, exist_ok=True)
@@ -172,15 +244,26 @@ def train(moe, dense, tok, corpus: Corpus, domains: list[str], cfg: TrainConfig,
             raise UserError(f"{out} holds a run with other training settings; delete it or choose another --out")
         done = state["phases_done"]
         history = [json.loads(ln) for ln in log_file.read_text().splitlines()] if log_file.exists() else []
-        history = [h for h in history if 2 * h["round"] + (h["phase"] == "experts") < done]
+        history = [h for h in history if h.get("i", 2 * h["round"] + (h["phase"] == "experts")) < done]
         if done:
             _load_weights(moe, out)
-    else:
+    elif acc.is_main_process:
         tok.save_pretrained(out)
-    seqs = training_pool(tok, corpus, domains, cfg)
-    ov = compute_targets(dense, moe, seqs, work / "targets.safetensors", progress=progress)
-    labels = oracle_labels(ov)
+    moe.to(acc.device)
+    seqs = training_pool(tok, corpus, domains, cfg).to(acc.device)
+    routed = moe.num_experts > 1
+    ov = labels = None
+    if routed:
+        target_file = work / "targets.safetensors"
+        if targets_from is not None and Path(targets_from).exists() and not target_file.exists():
+            shutil.copyfile(targets_from, target_file)
+        with acc.main_process_first():
+            ov = compute_targets(dense.to(acc.device), moe, seqs, target_file, progress=progress and acc.is_main_process)
+        ov = ov.to(acc.device)
+        labels = oracle_labels(ov)
+    val = recovery_seqs(tok, corpus, domains, cfg).to(acc.device)
     phases = [(r, p) for r in range(cfg.rounds) for p in ("router", "experts")]
+    seen = sum(h.get("tokens", 0) for h in history if h["phase"] == "experts")
     ran = 0
     for i, (rnd, phase) in enumerate(phases):
         if i < done:
@@ -188,15 +271,41 @@ def train(moe, dense, tok, corpus: Corpus, domains: list[str], cfg: TrainConfig,
         if stop_after is not None and ran >= stop_after:
             break
         torch.manual_seed(cfg.seed * 1000 + i)
-        if phase == "router" and cfg.router_steps:
-            router_phase(moe, seqs, ov, labels, cfg, rnd, history.append, progress)
+        records: list[dict] = []
+        if i == 0:
+            records.append({"round": -1, "phase": "eval", "tokens": 0, "ppl": perplexity(moe, val)})
+        if phase == "router" and cfg.router_steps and routed:
+            router_phase(moe, seqs, ov, labels, cfg, rnd, records.append, progress and acc.is_main_process, acc)
         elif phase == "experts" and cfg.expert_steps:
-            expert_phase(moe, seqs, cfg, rnd, history.append, progress)
-        _save_weights(moe, out)
-        atomic_write_text(log_file, "".join(json.dumps(h) + "\n" for h in history))
-        atomic_write_json(state_file, dict(want, phases_done=i + 1, complete=i + 1 == len(phases)))
+            expert_phase(moe, seqs, cfg, rnd, records.append, progress and acc.is_main_process, acc)
+            seen += sum(r.get("tokens", 0) for r in records)
+            records.append({"round": rnd, "phase": "eval", "tokens": seen, "ppl": perplexity(moe, val)})
+        history += [dict(r, i=i) for r in records]
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _save_weights(moe, out)
+            atomic_write_text(log_file, "".join(json.dumps(h) + "\n" for h in history))
+            atomic_write_json(state_file, dict(want, phases_done=i + 1, complete=i + 1 == len(phases)))
+        acc.wait_for_everyone()
         ran += 1
     return history
+
+
+def is_complete(out: Path) -> bool:
+    f = Path(out) / "train" / "state.json"
+    try:
+        return bool(json.loads(f.read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def saved_config(out: Path) -> tuple[TrainConfig, list[str], str] | None:
+    """The budget, domains and corpus a finished run in `out` used, so baselines can match it."""
+    f = Path(out) / "train" / "state.json"
+    if not f.exists():
+        return None
+    state = json.loads(f.read_text())
+    return TrainConfig(**state["config"]), state["domains"], state["corpus"]
 
 
 def check_pair(moe, dense, tok) -> None:
