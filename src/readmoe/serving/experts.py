@@ -1,0 +1,212 @@
+"""Expert memory: routed experts live in a store and at most `capacity` per layer are resident.
+
+The store reads one (layer, expert) at a time: from the checkpoint's safetensors
+file (one tensor per projection, so a read touches only that expert), or from host
+memory feeding an accelerator. The shared expert, attention and embeddings stay
+resident. Eviction policies: `lru`, `lfu`, `random`, and `belady`, which evicts the
+expert whose next use is furthest away, as told by the pre-gated queues and the
+scheduler's lookahead (`future`). `min_hits` is Belady's offline MIN over a recorded
+access sequence: the optimum any policy could reach.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+PROJ = ("gate_proj", "up_proj", "down_proj")
+POLICIES = ("lru", "lfu", "random", "belady")
+
+
+def expert_key(layer: int, expert: int, proj: str) -> str:
+    return f"backbone.model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+
+
+class ExpertStore:
+    """Where non-resident experts live. `disk`: read per expert from model.safetensors; `host`: CPU tensors."""
+
+    def __init__(self, model, checkpoint: str | Path | None = None, kind: str = "disk", device="cpu"):
+        self.kind, self.device = kind, torch.device(device)
+        self.num_layers, self.num_experts = len(model.moe_layers()), model.num_experts
+        self._file = None
+        self._host: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        if kind == "disk":
+            if checkpoint is None or not (Path(checkpoint) / "model.safetensors").exists():
+                raise ValueError("a disk expert store needs the checkpoint directory with model.safetensors")
+            from safetensors import safe_open
+
+            self._file = safe_open(str(Path(checkpoint) / "model.safetensors"), "pt")
+        elif kind == "host":
+            for l, m in enumerate(model.moe_layers()):
+                for e, ex in enumerate(m.experts):
+                    ws = tuple(getattr(ex, p).weight.detach().to("cpu").contiguous() for p in PROJ)
+                    self._host[l, e] = tuple(w.pin_memory() if torch.cuda.is_available() else w for w in ws)
+        else:
+            raise ValueError(f"unknown expert store '{kind}': use disk or host")
+        self.nbytes = {(l, e): sum(w.numel() * w.element_size() for w in self.load(l, e, count=False))
+                       for l in range(self.num_layers) for e in range(self.num_experts)}
+        self.bytes_loaded = 0
+        self._lock = threading.Lock()
+
+    def load(self, layer: int, expert: int, count: bool = True) -> tuple[torch.Tensor, ...]:
+        if self._file is not None:
+            ws = tuple(self._file.get_tensor(expert_key(layer, expert, p)) for p in PROJ)
+        else:
+            ws = self._host[layer, expert]
+        ws = tuple(w.to(self.device, non_blocking=True, copy=True) for w in ws)
+        if count:
+            with self._lock:
+                self.bytes_loaded += sum(w.numel() * w.element_size() for w in ws)
+        return ws
+
+
+class ExpertCache:
+    """Per layer, at most `capacity` resident routed experts, evicted by `policy`.
+
+    `future()` returns the predicted accesses ahead, in order (the current step's remaining experts first,
+    then the scheduler's lookahead); only `belady` reads it. With `prefetch`, `prefetch(layer, experts)` starts loading in a
+    background thread; `get` then waits only for what is still in flight."""
+
+    def __init__(self, store: ExpertStore, capacity: int, policy: str = "lru", prefetch: bool = False, seed: int = 0):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown cache policy '{policy}': use one of {', '.join(POLICIES)}")
+        if capacity < 1:
+            raise ValueError("cache capacity must be >= 1")
+        self.store, self.capacity, self.policy = store, capacity, policy
+        L = store.num_layers
+        self.resident: list[dict[int, Future | tuple]] = [dict() for _ in range(L)]
+        self.last_use: list[dict[int, int]] = [dict() for _ in range(L)]
+        self.uses: list[dict[int, int]] = [dict() for _ in range(L)]
+        self.clock = 0
+        self.rng = random.Random(seed)
+        self.future: Callable[[], Sequence[int]] = lambda: []
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
+        self.hits = self.misses = 0
+        self.load_s = 0.0  # time spent copying experts (in the loader thread or inline)
+        self.wait_s = 0.0  # time the compute thread spent blocked on loads
+        self.pinned: set[int] = set()
+
+    # -------------------------------------------------------------- policy
+    def _victim(self, layer: int, keep: set[int]) -> int:
+        cands = [e for e in self.resident[layer] if e not in keep] or list(self.resident[layer])
+        if self.policy == "lru":
+            return min(cands, key=lambda e: self.last_use[layer].get(e, -1))
+        if self.policy == "lfu":
+            return min(cands, key=lambda e: (self.uses[layer].get(e, 0), self.last_use[layer].get(e, -1)))
+        if self.policy == "random":
+            return self.rng.choice(sorted(cands))
+        ahead = self.future()
+        first: dict[int, int] = {}
+        for i, e in enumerate(ahead):
+            first.setdefault(e, i)
+        never = len(ahead) + 1  # not needed in sight: evict first (least recently used among those)
+        return max(cands, key=lambda e: (first.get(e, never), -self.last_use[layer].get(e, -1)))
+
+    def _timed_load(self, layer: int, expert: int):
+        t = time.perf_counter()
+        ws = self.store.load(layer, expert)
+        self.load_s += time.perf_counter() - t
+        return ws
+
+    def _admit(self, layer: int, expert: int, keep: set[int]):
+        res = self.resident[layer]
+        while len(res) >= self.capacity:
+            del res[self._victim(layer, keep)]
+        if self.pool is not None:
+            res[expert] = self.pool.submit(self._timed_load, layer, expert)
+        else:
+            res[expert] = self._timed_load(layer, expert)
+
+    # -------------------------------------------------------------- use
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        """Start loading `experts` of `layer` (at most `capacity`, in access order) without blocking."""
+        if self.pool is None or layer >= len(self.resident):
+            return
+        want = list(experts)[:self.capacity]
+        for e in want:
+            if e not in self.resident[layer]:
+                self._admit(layer, e, set(want))
+
+    def get(self, layer: int, expert: int, keep: Sequence[int] = ()) -> tuple[torch.Tensor, ...]:
+        """The expert's weights, loading it if needed (a miss); `keep` are experts this step still needs."""
+        self.clock += 1
+        res = self.resident[layer]
+        if expert in res:
+            self.hits += 1
+        else:
+            self.misses += 1
+            self._admit(layer, expert, set(keep) | {expert})
+        self.last_use[layer][expert] = self.clock
+        self.uses[layer][expert] = self.uses[layer].get(expert, 0) + 1
+        ws = res[expert]
+        if isinstance(ws, Future):
+            t = time.perf_counter()
+            ws = ws.result()
+            self.wait_s += time.perf_counter() - t
+            res[expert] = ws
+        return ws
+
+    def warm(self) -> None:
+        """Load every expert of every layer (capacity permitting) without counting hits, misses or bytes."""
+        for l, res in enumerate(self.resident):
+            for e in range(min(self.capacity, self.store.num_experts)):
+                res[e] = self.store.load(l, e, count=False)
+                self.last_use[l][e] = 0
+
+    def resident_bytes(self) -> int:
+        return sum(self.store.nbytes[l, e] for l, res in enumerate(self.resident) for e in res)
+
+    @property
+    def hit_ratio(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def simulate(policy: str, accesses: Sequence[Sequence[int]], capacity: int, lookahead: int | None = None,
+             seed: int = 0) -> float:
+    """Hit ratio of `policy` on one layer's access sequence (a list of per-step expert lists), no real loads.
+    `belady` sees `lookahead` steps ahead (None: the whole future)."""
+
+    class _Null:
+        num_layers, num_experts = 1, 1 + max((e for s in accesses for e in s), default=0)
+
+        def load(self, layer, expert, count=True):
+            return ()
+
+    cache = ExpertCache(_Null(), capacity, policy, seed=seed)
+    cache.store.nbytes = {}
+    for t, step in enumerate(accesses):
+        ahead = [e for s in accesses[t + 1:(None if lookahead is None else t + 1 + lookahead)] for e in s]
+        for j, e in enumerate(step):
+            cache.future = lambda r=list(step[j + 1:]), a=ahead: r + a
+            cache.get(0, e, keep=step[j:])
+    return cache.hit_ratio
+
+
+def min_hits(accesses: Sequence[Sequence[int]], capacity: int) -> tuple[int, int]:
+    """Belady's MIN on the flattened access sequence: (hits, accesses) of the offline optimum."""
+    flat = [e for step in accesses for e in step]
+    nxt = [0] * len(flat)
+    last: dict[int, int] = {}
+    for i in range(len(flat) - 1, -1, -1):
+        nxt[i] = last.get(flat[i], len(flat) + 1)
+        last[flat[i]] = i
+    resident: dict[int, int] = {}  # expert -> its next use
+    hits = 0
+    for i, e in enumerate(flat):
+        if e in resident:
+            hits += 1
+        elif len(resident) >= capacity:
+            del resident[max(resident, key=lambda x: resident[x])]
+        resident[e] = nxt[i]
+    return hits, len(flat)

@@ -1,0 +1,182 @@
+"""Which queued tokens run in the next step, under a token budget.
+
+Every request exposes its pending tokens in order (the prompt's not yet computed
+tokens, or the one token just sampled), each with the expert the router picked on
+arrival. A scheduler returns chunks: (request, n) takes the request's next n tokens.
+
+- `decode-first` (DeepSpeed-FastGen style): decode tokens first, prompts fill the rest.
+- `prefill-first` (vLLM / TGI style): prompt chunks first, then decode tokens.
+- `expert-aware` (Read-ME Algorithm 1): one queue per expert holding the runs of
+  consecutive same-expert tokens at the head of each request; the batch is filled
+  from the longest queues first, so it touches few distinct experts.
+
+All three obey the aging rule: a request whose head token has waited `max_wait`
+steps is served first, so no token waits longer than that (given at most
+`token_budget` running requests, which the engine enforces).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+
+class Queued(Protocol):
+    rid: int
+    arrival_s: float
+    pending_experts: list[int]
+    waited: int
+
+    @property
+    def in_prefill(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Chunk:
+    req: object
+    n: int
+
+
+def head_run(experts: Sequence[int]) -> int:
+    """Length of the run of equal experts at the head."""
+    n = 1
+    while n < len(experts) and experts[n] == experts[0]:
+        n += 1
+    return n
+
+
+class Scheduler:
+    name = "base"
+
+    def __init__(self, token_budget: int, max_wait: int = 8):
+        if token_budget < 1 or max_wait < 1:
+            raise ValueError("token_budget and max_wait must be >= 1")
+        self.token_budget, self.max_wait = token_budget, max_wait
+
+    def schedule(self, reqs: Sequence[Queued]) -> list[Chunk]:
+        ready = [r for r in reqs if r.pending_experts]
+        ready.sort(key=lambda r: (r.arrival_s, r.rid))
+        aged = [r for r in ready if r.waited >= self.max_wait]
+        aged.sort(key=lambda r: -r.waited)
+        taken: dict[int, int] = {}
+        left = self.token_budget
+        for r in aged:  # aging: one token each first, so every aged request is served this step
+            if left == 0:
+                break
+            taken[r.rid], left = 1, left - 1
+        for r in aged:  # then as much of their head as they would normally take
+            if r.rid in taken and left:
+                want = head_run(r.pending_experts) if self.name == "expert-aware" else len(r.pending_experts)
+                extra = min(want - 1, left)
+                taken[r.rid] += extra
+                left -= extra
+        rest = [r for r in ready if r.rid not in taken]
+        for r, n in self.fill(rest, left):
+            taken[r.rid] = n
+        by_id = {r.rid: r for r in ready}
+        return [Chunk(by_id[rid], n) for rid, n in taken.items() if n > 0]
+
+    def fill(self, reqs: list, budget: int) -> list[tuple[object, int]]:
+        raise NotImplementedError
+
+
+class _Ordered(Scheduler):
+    def order(self, reqs: list) -> list:
+        raise NotImplementedError
+
+    def fill(self, reqs, budget):
+        out = []
+        for r in self.order(reqs):
+            if budget == 0:
+                break
+            n = min(len(r.pending_experts), budget)
+            out.append((r, n))
+            budget -= n
+        return out
+
+
+class DecodeFirst(_Ordered):
+    name = "decode-first"
+
+    def order(self, reqs):
+        return [r for r in reqs if not r.in_prefill] + [r for r in reqs if r.in_prefill]
+
+
+class PrefillFirst(_Ordered):
+    name = "prefill-first"
+
+    def order(self, reqs):
+        return [r for r in reqs if r.in_prefill] + [r for r in reqs if not r.in_prefill]
+
+
+class ExpertAware(Scheduler):
+    name = "expert-aware"
+
+    def fill(self, reqs, budget):
+        queues: dict[int, list] = {}
+        for r in reqs:  # FCFS within a queue (reqs come sorted by arrival)
+            queues.setdefault(r.pending_experts[0], []).append(r)
+        size = {e: sum(head_run(r.pending_experts) for r in q) for e, q in queues.items()}
+        out = []
+        for e in sorted(queues, key=lambda e: (-size[e], e)):
+            for r in queues[e]:
+                if budget == 0:
+                    return out
+                n = min(head_run(r.pending_experts), budget)
+                out.append((r, n))
+                budget -= n
+        return out
+
+
+SCHEDULERS = {c.name: c for c in (DecodeFirst, PrefillFirst, ExpertAware)}
+
+
+def make_scheduler(name: str, token_budget: int, max_wait: int = 8) -> Scheduler:
+    if name not in SCHEDULERS:
+        from ..errors import UserError
+
+        raise UserError(f"unknown scheduler '{name}'; use one of {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name](token_budget, max_wait)
+
+
+@dataclass
+class _Sim:
+    rid: int
+    arrival_s: float
+    pending_experts: list
+    waited: int
+    prompt_left: int
+    decode_left: int
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.prompt_left > 0
+
+
+def lookahead(sched: Scheduler, reqs: Sequence, steps: int) -> list[set[int]]:
+    """The expert sets of the next `steps` batches if nothing new arrives, simulated on copies of the queues.
+
+    A decoding request is assumed to keep its last expert (tokens usually do) until its max_tokens."""
+    sims = [_Sim(r.rid, r.arrival_s, list(r.pending_experts), r.waited, max(0, len(r.prompt_ids) - r.processed),
+                 r.params.max_tokens - len(r.output_ids)) for r in reqs if not r.finished]
+    last = {r.rid: (r.pending_experts[-1] if r.pending_experts else None) for r in reqs}
+    out = []
+    for _ in range(steps):
+        chunks = sched.schedule(sims)
+        if not chunks:
+            break
+        used = set()
+        ran = {c.req.rid for c in chunks}
+        for c in chunks:
+            s = c.req
+            used.update(s.pending_experts[:c.n])
+            last[s.rid] = s.pending_experts[c.n - 1]
+            del s.pending_experts[:c.n]
+            s.prompt_left = max(0, s.prompt_left - c.n)
+            if not s.pending_experts and s.prompt_left == 0 and s.decode_left > 1:
+                s.decode_left -= 1
+                s.pending_experts.append(last[s.rid])
+        for s in sims:
+            s.waited = 0 if s.rid in ran or not s.pending_experts else s.waited + 1
+        out.append(used)
+    return out

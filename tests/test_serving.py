@@ -1,0 +1,189 @@
+"""The serving engine on a tiny MoE: schedulers, expert cache policies, parity with generate, cancellation."""
+
+import random
+
+import pytest
+import torch
+
+from readmoe.carve import build_model, domain_sets
+from readmoe.errors import UserError
+from readmoe.serving import Engine, EngineConfig, SamplingParams
+from readmoe.serving.experts import min_hits, simulate
+from readmoe.serving.scheduler import SCHEDULERS, lookahead, make_scheduler
+
+from conftest import tiny_llama
+
+
+class Q:
+    """A queued request as the scheduler sees it."""
+
+    def __init__(self, rid, experts, prefill=True):
+        self.rid, self.arrival_s, self.pending_experts, self.waited = rid, float(rid), list(experts), 0
+        self.prefill = prefill
+        self.taken = []
+
+    @property
+    def in_prefill(self):
+        return self.prefill
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_scheduler_invariants(name):
+    rng = random.Random(0)
+    budget, max_wait = 6, 3
+    sched = make_scheduler(name, budget, max_wait)
+    reqs = [Q(i, [rng.choice([0, 0, 0, 1, 2, 3]) for _ in range(rng.randint(1, 15))], prefill=rng.random() < 0.5)
+            for i in range(6)]
+    want = {r.rid: list(range(len(r.pending_experts))) for r in reqs}
+    pos = {r.rid: 0 for r in reqs}
+    worst = 0
+    for _ in range(200):
+        live = [r for r in reqs if r.pending_experts]
+        if not live:
+            break
+        chunks = sched.schedule(live)
+        assert chunks and sum(c.n for c in chunks) <= budget
+        assert len({c.req.rid for c in chunks}) == len(chunks)
+        ran = set()
+        for c in chunks:
+            assert 1 <= c.n <= len(c.req.pending_experts)
+            c.req.taken += range(pos[c.req.rid], pos[c.req.rid] + c.n)
+            pos[c.req.rid] += c.n
+            del c.req.pending_experts[:c.n]
+            ran.add(c.req.rid)
+        for r in live:
+            r.waited = 0 if r.rid in ran or not r.pending_experts else r.waited + 1
+            worst = max(worst, r.waited)
+    assert {r.rid: r.taken for r in reqs} == want  # every token exactly once, in order
+    assert worst <= max_wait
+
+
+def test_expert_aware_batches_fewer_experts():
+    def queues():
+        return [Q(i, [i % 4] * 3, prefill=False) for i in range(12)]
+    counts = {}
+    for name in SCHEDULERS:
+        chunks = make_scheduler(name, 6, 8).schedule(queues())
+        counts[name] = len({c.req.pending_experts[0] for c in chunks})
+    assert counts["expert-aware"] == 1 and counts["decode-first"] == 2 and counts["prefill-first"] == 2
+
+
+SEQ = [[0], [1], [2], [0], [1], [3], [0], [1]]
+
+
+def test_cache_policies_on_hand_made_sequences():
+    # capacity 2. LRU: 0m 1m 2m(ev0) 0m(ev1) 1m(ev2) 3m(ev0) 0m(ev1) 1m(ev3) -> 0 hits
+    assert simulate("lru", SEQ, 2) == 0.0
+    # Belady: 0m 1m 2m(ev2's next use is never -> evict... 2 is the newcomer: evict 1? next uses: 0@3, 1@4) -> ev1;
+    # 0h; 1m(ev2); 3m(ev3 newcomer: 0@6,1@7 -> ev1); 0h; 1m -> 2 hits of 8
+    assert simulate("belady", SEQ, 2) == 2 / 8
+    assert min_hits(SEQ, 2) == (2, 8)
+    # LFU at capacity 2 on 0 0 1 0 2 1: 0m 0h 1m 0h 2m(ev1: fewer uses) 1m(ev2) -> 2 hits
+    assert simulate("lfu", [[0], [0], [1], [0], [2], [1]], 2) == 2 / 6
+    assert simulate("lru", [[0], [0], [1], [0], [2], [1]], 2) == 2 / 6
+    assert simulate("lru", [[0, 1], [0, 1], [1, 0]], 2) == 4 / 6  # several experts in one step
+    assert simulate("random", [[0], [1], [0], [1]], 2) == 0.5  # fits: random never needs to evict
+
+
+def test_belady_with_full_future_equals_min():
+    rng = random.Random(1)
+    for _ in range(30):
+        seq = [rng.sample(range(6), rng.randint(1, 3)) for _ in range(rng.randint(5, 40))]
+        for cap in (1, 2, 3, 4):
+            h, n = min_hits(seq, cap)
+            assert simulate("belady", seq, cap) == pytest.approx(h / n)
+            assert simulate("lru", seq, cap) <= h / n + 1e-12
+
+
+def test_lookahead_predicts_the_next_batches():
+    class R(Q):
+        def __init__(self, rid, experts, prompt, out_left):
+            super().__init__(rid, experts, prefill=True)
+            self.prompt_ids, self.processed, self.output_ids = [0] * prompt, 0, []
+            self.params = SamplingParams(max_tokens=out_left)
+            self.finished = False
+
+    sched = make_scheduler("expert-aware", 4, 8)
+    ahead = lookahead(sched, [R(0, [1, 1, 2], 3, 2), R(1, [3, 3, 3, 3, 3], 5, 1)], 4)
+    assert ahead[0] == {3} and ahead[1] == {3, 1}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    dense = tiny_llama()
+    L, I = len(dense.model.layers), dense.config.intermediate_size
+    sets = domain_sets(torch.rand(3, L, I, generator=torch.Generator().manual_seed(0)), 0.5)
+    moe = build_model(dense, sets, ["a", "b", "c"], 0.5, "domain", "test")
+    with torch.no_grad():  # make the router pick different experts for different tokens
+        moe.router.head.weight.normal_(0, 1.0)
+    d = tmp_path_factory.mktemp("served")
+    moe.save_pretrained(d)
+    return moe, d
+
+
+PROMPTS = [[5, 9, 13, 200, 7, 7, 31], [100, 101, 102], [40] * 12, [3, 250, 3, 250, 3]]
+
+
+def _reference(moe, prompt, n):
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        out = moe.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("cfg", [dict(scheduler="decode-first"), dict(scheduler="prefill-first", token_budget=5, max_running=4),
+                                 dict(scheduler="expert-aware", token_budget=4, max_running=4),
+                                 dict(scheduler="expert-aware", capacity=1, policy="belady", prefetch=True),
+                                 dict(scheduler="expert-aware", capacity=2, policy="lru", prefetch=False, store="host")])
+def test_engine_greedy_equals_generate_alone_and_batched(served, cfg):
+    moe, d = served
+    want = [_reference(moe, p, 6) for p in PROMPTS]
+    eng = Engine(moe, EngineConfig(**cfg), checkpoint=d)
+    alone = [eng.run([(0.0, p, SamplingParams(max_tokens=6))])[0].output_ids for p in PROMPTS]
+    assert alone == want
+    batched = eng.run([(0.0, p, SamplingParams(max_tokens=6)) for p in PROMPTS])
+    assert [r.output_ids for r in batched] == want
+    assert all(r.finish_reason == "length" and r.first_token_s <= r.finish_s for r in batched)
+    if "capacity" in cfg:
+        assert eng.cache.misses > 0 and eng.cache.store.bytes_loaded > 0
+        assert all(len(res) <= cfg["capacity"] for res in eng.cache.resident)
+    else:  # all experts resident: nothing is loaded while serving
+        assert eng.cache.misses == 0 and eng.cache.store.bytes_loaded == 0
+    eng.close()
+
+
+def test_sampling_stop_and_cancel_free_kv(served):
+    moe, d = served
+    eng = Engine(moe, EngineConfig(scheduler="decode-first"))
+    greedy = _reference(moe, PROMPTS[0], 6)
+    r = eng.run([(0.0, PROMPTS[0], SamplingParams(max_tokens=6, stop_token_ids=(greedy[2],)))])[0]
+    assert r.output_ids == greedy[:greedy.index(greedy[2]) + 1] and r.finish_reason == "stop"
+    a = eng.run([(0.0, PROMPTS[1], SamplingParams(max_tokens=8, temperature=0.9, top_p=0.8, seed=3))])[0].output_ids
+    b = eng.run([(0.0, PROMPTS[1], SamplingParams(max_tokens=8, temperature=0.9, top_p=0.8, seed=3))])[0].output_ids
+    assert a == b and len(a) == 8  # seeded sampling is reproducible
+    r1 = eng.submit(PROMPTS[2], SamplingParams(max_tokens=50))
+    r2 = eng.submit(PROMPTS[3], SamplingParams(max_tokens=50))
+    eng.step()
+    eng.step()
+    assert eng.kv_bytes() > 0 and r1.kv is not None
+    one = eng.kv_bytes()
+    assert eng.cancel(r1.rid) and r1.finish_reason == "cancelled" and r1.kv is None
+    assert eng.kv_bytes() < one
+    assert eng.cancel(r2.rid) and eng.kv_bytes() == 0 and not eng.has_work()
+    assert not eng.cancel(12345)
+
+
+def test_engine_bad_input(served):
+    moe, d = served
+    eng = Engine(moe, EngineConfig())
+    with pytest.raises(UserError, match="context window of 256 tokens"):
+        eng.submit([5] * 300)
+    with pytest.raises(UserError, match="empty prompt"):
+        eng.submit([])
+    with pytest.raises(UserError, match="token ids"):
+        eng.submit([10 ** 6])
+    with pytest.raises(UserError, match="unknown scheduler"):
+        Engine(moe, EngineConfig(scheduler="fifo"))
+    with pytest.raises(UserError, match="capacity"):
+        Engine(moe, EngineConfig(capacity=9), checkpoint=d)
