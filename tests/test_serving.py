@@ -187,3 +187,38 @@ def test_engine_bad_input(served):
         Engine(moe, EngineConfig(scheduler="fifo"))
     with pytest.raises(UserError, match="capacity"):
         Engine(moe, EngineConfig(capacity=9), checkpoint=d)
+
+
+def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    from conftest import fails, run
+
+    _, model = workflow
+    out = tmp_path / "serve"
+    code, _, err = run(monkeypatch, capsys, "bench", "serve", "--model", model, "--corpus", corpus_dir, "--out", out,
+                       "--quick", "--requests", 5, "--rate", 50, "--token-budget", 8, "--max-running", 4)
+    assert code == 0, err
+    data = json.loads((out / "report.json").read_text())
+    keys = {"scheduler", "policy", "capacity", "prefetch", "mean_norm_latency_s", "p95_norm_latency_s",
+            "p99_norm_latency_s", "unique_experts_per_batch", "hit_ratio", "optimal_hit_ratio", "tokens_per_s", "access_file"}
+    assert len(data["runs"]) == 3 + 3 * 2 + 1 and all(keys <= set(r) for r in data["runs"])
+    for r in data["runs"]:
+        assert r["requests"] == 5 and r["hit_ratio"] <= r["optimal_hit_ratio"] + 1e-9
+        lines = [json.loads(ln) for ln in (out / r["access_file"]).read_text().splitlines()]
+        assert len(lines) == r["steps"] * 2 and set(lines[0]) == {"step", "layer", "experts"}
+    assert data["dense"]["requests"] == 5 and data["batch1_decode"]["speedup"] > 0
+    for png in ("latency_cdf.png", "hit_ratio.png", "experts_per_batch.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    tr = tmp_path / "trace.jsonl"
+    tr.write_text('{"arrival_s": 0.0, "prompt": "hello there", "max_tokens": 3}\n'
+                  '{"arrival_s": 0.1, "prompt": "def f(x):", "max_tokens": 4}\n')
+    code, _, err = run(monkeypatch, capsys, "bench", "serve", "--model", model, "--out", tmp_path / "tr", "--trace", tr,
+                       "--schedulers", "expert-aware", "--policies", "belady", "--capacities", "1", "--dense", "none")
+    assert code == 0, err
+    data = json.loads((tmp_path / "tr" / "report.json").read_text())
+    assert [r["generated_tokens"] for r in data["runs"]][0] == 7 and data["dense"] is None
+    tr.write_text('{"arrival_s": "soon", "prompt": "x"}\n')
+    fails(monkeypatch, capsys, "trace.jsonl:1", "bench", "serve", "--model", model, "--out", tmp_path / "bad", "--trace", tr)
+    fails(monkeypatch, capsys, "unknown cache policy", "bench", "serve", "--model", model, "--out", tmp_path / "bad",
+          "--policies", "fifo")

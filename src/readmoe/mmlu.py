@@ -125,6 +125,7 @@ def score(model, tok, questions: list[dict], batch_size: int = 8, max_prompt: in
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     is_moe = getattr(model.config, "model_type", None) == "readmoe"
     chosen, scores = [0] * len(items), [None] * len(items)
+    dev = next(model.parameters()).device
     for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
         idx = order[s:s + batch_size]
         batch = [items[i] for i in idx]
@@ -136,9 +137,13 @@ def score(model, tok, questions: list[dict], batch_size: int = 8, max_prompt: in
         need = sorted({q for row in src for ans in row for q in ans})
         kw = {}
         if is_moe and not model.layerwise:
-            kw["expert_ids"] = _expert_ids(model, batch, ids)
-        logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False,
-                       logits_to_keep=torch.tensor(need), **kw).logits.float()
+            kw["expert_ids"] = _expert_ids(model, batch, ids).to(dev)
+        if isinstance(mask, dict):
+            mask = {k: v.to(dev) for k, v in mask.items()}
+        else:
+            mask = mask.to(dev)
+        logits = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask, use_cache=False,
+                       logits_to_keep=torch.tensor(need, device=dev), **kw).logits.float().cpu()
         logp = torch.log_softmax(logits, -1)
         at = {p: k for k, p in enumerate(need)}
         for r, (i, row) in enumerate(zip(idx, spans)):

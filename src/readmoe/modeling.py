@@ -165,8 +165,9 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
         """Expert id of every token [B, T], from the router alone: the backbone does not run."""
         if self.layerwise:
             raise ValueError("a layer-wise routed model picks experts inside the backbone; it cannot route ahead")
-        logits, _ = self.router(input_ids, attention_mask)
-        return logits.argmax(-1)
+        dev = self.router.embed.weight.device
+        logits, _ = self.router(input_ids.to(dev), None if attention_mask is None else attention_mask.to(dev))
+        return logits.argmax(-1).to(input_ids.device)
 
     def _expert_ids(self, expert_ids, input_ids) -> torch.Tensor:
         if isinstance(expert_ids, int) or (torch.is_tensor(expert_ids) and expert_ids.dim() == 0):

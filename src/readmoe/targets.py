@@ -52,7 +52,7 @@ def overlaps_and_logits(dense, masks: list[torch.Tensor], input_ids: torch.Tenso
     hooks = [m.down_proj.register_forward_pre_hook(lambda _m, i, l=l: acts.__setitem__(l, i[0].detach()))
              for l, m in enumerate(mlps)]
     try:
-        logits = dense(input_ids=input_ids, use_cache=False).logits
+        logits = dense(input_ids=input_ids.to(next(dense.parameters()).device), use_cache=False).logits
     finally:
         for h in hooks:
             h.remove()

@@ -43,6 +43,7 @@ class StepStats:
     tokens: int
     experts: list[int]
     seconds: float
+    left: int = 0  # queued tokens that did not fit in this step
 
 
 @dataclass
@@ -139,6 +140,7 @@ class Engine:
         chunks = self.sched.schedule(self.running)
         if not chunks:
             return []
+        left_before = sum(len(r.pending) for r in self.running) + sum(len(r.pending) for r in self.waiting)
         t0 = time.perf_counter()
         segs, reqs = [], []
         for c in chunks:
@@ -170,7 +172,7 @@ class Engine:
         for r in firsts:
             r.first_token_s = self.now
         self.stats.busy_s += dt
-        self.stats.steps.append(StepStats(self.step_no, len(exps), order, dt))
+        self.stats.steps.append(StepStats(self.step_no, len(exps), order, dt, left_before - len(exps)))
         for r in [r for r in self.running if r.finished]:
             self.running.remove(r)
         self.step_no += 1

@@ -90,7 +90,7 @@ class ExpertCache:
         self.hits = self.misses = 0
         self.load_s = 0.0  # time spent copying experts (in the loader thread or inline)
         self.wait_s = 0.0  # time the compute thread spent blocked on loads
-        self.pinned: set[int] = set()
+        self.prefetched: list[set[int]] = [set() for _ in range(L)]  # loaded ahead for an access not yet made
 
     # -------------------------------------------------------------- policy
     def _victim(self, layer: int, keep: set[int]) -> int:
@@ -117,7 +117,9 @@ class ExpertCache:
     def _admit(self, layer: int, expert: int, keep: set[int]):
         res = self.resident[layer]
         while len(res) >= self.capacity:
-            del res[self._victim(layer, keep)]
+            victim = self._victim(layer, keep)
+            del res[victim]
+            self.prefetched[layer].discard(victim)
         if self.pool is not None:
             res[expert] = self.pool.submit(self._timed_load, layer, expert)
         else:
@@ -132,12 +134,16 @@ class ExpertCache:
         for e in want:
             if e not in self.resident[layer]:
                 self._admit(layer, e, set(want))
+                self.prefetched[layer].add(e)
 
     def get(self, layer: int, expert: int, keep: Sequence[int] = ()) -> tuple[torch.Tensor, ...]:
         """The expert's weights, loading it if needed (a miss); `keep` are experts this step still needs."""
         self.clock += 1
         res = self.resident[layer]
-        if expert in res:
+        if expert in self.prefetched[layer]:  # a miss whose load started early: counts as a miss
+            self.prefetched[layer].discard(expert)
+            self.misses += 1
+        elif expert in res:
             self.hits += 1
         else:
             self.misses += 1

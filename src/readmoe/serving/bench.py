@@ -1,0 +1,270 @@
+"""`readmoe bench serve`: one workload, every scheduler x cache policy x capacity, in one process.
+
+Per run: normalized latency (latency / generated tokens, the paper's metric), time
+to first token and end-to-end latency (mean, p50, p95, p99), tokens/s, unique
+experts per batch, cache hit ratio against the offline optimum (Belady's MIN on the
+same access sequence), bytes loaded, the share of load time prefetch hid, and the
+router's share of time. Reference runs: all experts resident per scheduler, on-demand
+loading (no prefetch), and the dense parent on the same engine and workload.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import report
+from ..errors import UserError, atomic_write_json
+from .engine import Engine, EngineConfig
+from .experts import POLICIES, min_hits
+from .request import SamplingParams
+from .scheduler import SCHEDULERS
+from .workload import WorkloadConfig, synthetic, trace
+
+
+@dataclass
+class BenchConfig:
+    schedulers: list[str] = field(default_factory=lambda: list(SCHEDULERS))
+    policies: list[str] = field(default_factory=lambda: list(POLICIES))
+    capacities: list[int] | None = None  # default 1 .. E-1
+    token_budget: int = 16
+    max_running: int = 16
+    max_wait: int = 8
+    store: str = "disk"
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    trace: str | None = None
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summarize(eng: Engine, reqs, name: str) -> dict:
+    norm = [(r.finish_s - r.arrival_s) / max(len(r.output_ids), 1) for r in reqs]
+    e2e = [r.finish_s - r.arrival_s for r in reqs]
+    ttft = [r.first_token_s - r.arrival_s for r in reqs]
+    steps = eng.stats.steps
+    gen = sum(len(r.output_ids) for r in reqs)
+    span = max(r.finish_s for r in reqs) - min(r.arrival_s for r in reqs)
+    c = eng.cache
+    cap = eng.cfg.capacity
+    hits, n = min_hits(eng.access_log, cap) if cap is not None else (n_all := sum(map(len, eng.access_log)), n_all)
+    out = {"name": name, "scheduler": eng.cfg.scheduler, "policy": eng.cfg.policy if cap is not None else "resident",
+           "capacity": cap if cap is not None else eng.moe.num_experts, "prefetch": bool(c.pool is not None),
+           "requests": len(reqs), "generated_tokens": gen, "steps": len(steps)}
+    for key, xs in (("norm_latency_s", norm), ("latency_s", e2e), ("ttft_s", ttft)):
+        out[f"mean_{key}"] = statistics.fmean(xs)
+        for q in (50, 95, 99):
+            out[f"p{q}_{key}"] = pct(xs, q / 100)
+        out[f"max_{key}"] = max(xs)
+    L = len(eng.runner.layers)
+    out.update({
+        "tokens_per_s": gen / span if span > 0 else None,
+        "unique_experts_per_batch": statistics.fmean(len(s.experts) for s in steps),
+        "tokens_per_batch": statistics.fmean(s.tokens for s in steps),
+        "queue_nonempty_share": statistics.fmean(s.left > 0 for s in steps),
+        "hit_ratio": c.hit_ratio if cap is not None else 1.0,
+        "optimal_hit_ratio": hits / n if n else None,
+        "bytes_loaded": c.store.bytes_loaded,
+        "load_s": c.load_s, "load_wait_s": c.wait_s,
+        "hidden_load_share": (1 - c.wait_s / c.load_s) if c.pool is not None and c.load_s > 0 else 0.0,
+        "router_share": eng.stats.router_s / eng.stats.busy_s if eng.stats.busy_s else None,
+        "resident_bytes": eng.resident_bytes(),
+        "norm_latencies": norm,
+        "accesses_per_layer": sum(map(len, eng.access_log)), "layers": L,
+    })
+    return out
+
+
+def batch1_decode_ms(moe, checkpoint, prompt: list[int], tokens: int = 32, repeats: int = 3) -> float:
+    """Median time of one decode step of a lone request on the engine (all experts resident)."""
+    times = []
+    for _ in range(repeats):
+        eng = Engine(moe, EngineConfig(scheduler="decode-first", token_budget=1, max_running=1), checkpoint=checkpoint)
+        eng.submit(prompt, SamplingParams(max_tokens=tokens))
+        while eng.has_work():
+            eng.step()
+        times += [s.seconds for s in eng.stats.steps if s.tokens == 1][2:]  # skip warm-up steps
+        eng.close()
+    return 1000 * statistics.median(times)
+
+
+def plan(cfg: BenchConfig, num_experts: int) -> list[EngineConfig]:
+    caps = cfg.capacities or list(range(1, num_experts))
+    base = dict(token_budget=cfg.token_budget, max_running=cfg.max_running, max_wait=cfg.max_wait, store=cfg.store)
+    runs = [EngineConfig(scheduler=s, capacity=None, **base) for s in cfg.schedulers]
+    runs += [EngineConfig(scheduler=s, policy=p, capacity=c, prefetch=True, **base)
+             for s in cfg.schedulers for p in cfg.policies for c in caps]
+    ea = "expert-aware" if "expert-aware" in cfg.schedulers else cfg.schedulers[0]
+    pol = "belady" if "belady" in cfg.policies else cfg.policies[0]
+    runs += [EngineConfig(scheduler=ea, policy=pol, capacity=c, prefetch=False, **base) for c in caps]
+    return runs
+
+
+def run_name(c: EngineConfig) -> str:
+    if c.capacity is None:
+        return f"{c.scheduler}.resident"
+    return f"{c.scheduler}.{c.policy}.cap{c.capacity}.{'prefetch' if c.prefetch else 'ondemand'}"
+
+
+def bench(moe, checkpoint: Path, tok, corpus, dense_engine_model, cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
+    for s in cfg.schedulers:
+        if s not in SCHEDULERS:
+            raise UserError(f"unknown scheduler '{s}'; use {', '.join(SCHEDULERS)}")
+    for p in cfg.policies:
+        if p not in POLICIES:
+            raise UserError(f"unknown cache policy '{p}'; use {', '.join(POLICIES)}")
+    E = moe.num_experts
+    if cfg.capacities and not all(1 <= c <= E for c in cfg.capacities):
+        raise UserError(f"--capacities must lie in [1, {E}]")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "access").mkdir(exist_ok=True)
+    wl = trace(tok, Path(cfg.trace)) if cfg.trace else synthetic(tok, corpus, cfg.workload)
+    t0 = time.time()
+    runs = []
+    plans = plan(cfg, E)
+    for ec in tqdm(plans, desc="bench serve", disable=not progress):
+        eng = Engine(moe, ec, checkpoint=checkpoint, eos_token_id=None)
+        reqs = eng.run([(a, list(ids), SamplingParams(**asdict(p))) for a, ids, p in wl])
+        name = run_name(ec)
+        row = summarize(eng, reqs, name)
+        row["access_file"] = f"access/{name}.jsonl"
+        eng.write_access_log(out / row["access_file"])
+        eng.close()
+        runs.append(row)
+    dense_row = None
+    if dense_engine_model is not None:
+        eng = Engine(dense_engine_model, EngineConfig(scheduler="decode-first", token_budget=cfg.token_budget,
+                                                      max_running=cfg.max_running, max_wait=cfg.max_wait))
+        reqs = eng.run([(a, list(ids), SamplingParams(**asdict(p))) for a, ids, p in wl])
+        dense_row = summarize(eng, reqs, "dense.decode-first.resident")
+        eng.close()
+    prompt = wl[0][1][:32]
+    b1 = {"moe_ms": batch1_decode_ms(moe, checkpoint, prompt)}
+    if dense_engine_model is not None:
+        b1["dense_ms"] = batch1_decode_ms(dense_engine_model, None, prompt)
+        b1["speedup"] = b1["dense_ms"] / b1["moe_ms"]
+    data = {"runs": runs, "dense": dense_row, "batch1_decode": b1, "goals": goals(runs, dense_row, b1, E),
+            "settings": {"workload": asdict(cfg.workload) if not cfg.trace else {"trace": cfg.trace},
+                         "requests": len(wl), "token_budget": cfg.token_budget, "max_running": cfg.max_running,
+                         "max_wait": cfg.max_wait, "store": cfg.store, "experts": E,
+                         "threads": torch.get_num_threads()},
+            "seconds": round(time.time() - t0, 1)}
+    atomic_write_json(out / "report.json", data)
+    write_markdown(data, out / "report.md")
+    plots(data, out)
+    return data
+
+
+def _pick(runs, **kw):
+    return [r for r in runs if all(r.get(k) == v for k, v in kw.items())]
+
+
+def goals(runs: list[dict], dense: dict | None, b1: dict, E: int) -> dict:
+    """The issue's goals, computed from the runs (None where the matrix lacks the runs to tell)."""
+    g: dict = {}
+    res = {r["scheduler"]: r for r in _pick(runs, policy="resident")}
+    if "expert-aware" in res and len(res) > 1:
+        ea = res["expert-aware"]
+        base = min((r for s, r in res.items() if s != "expert-aware"), key=lambda r: r["unique_experts_per_batch"])
+        best_lat = min((r for s, r in res.items() if s != "expert-aware"), key=lambda r: r["mean_norm_latency_s"])
+        best_p95 = min((r for s, r in res.items() if s != "expert-aware"), key=lambda r: r["p95_norm_latency_s"])
+        g["unique_experts_ratio"] = ea["unique_experts_per_batch"] / base["unique_experts_per_batch"]
+        g["mean_norm_latency_change"] = ea["mean_norm_latency_s"] / best_lat["mean_norm_latency_s"] - 1
+        g["p95_norm_latency_change"] = ea["p95_norm_latency_s"] / best_p95["p95_norm_latency_s"] - 1
+        g["expert_aware_max_latency_s"] = ea["max_latency_s"]
+    ea_runs = _pick(runs, scheduler="expert-aware", prefetch=True)
+    caps = sorted({r["capacity"] for r in ea_runs if r["capacity"] < E})
+    by = {(r["policy"], r["capacity"]): r for r in ea_runs}
+    if caps and all(("belady", c) in by and ("lru", c) in by for c in caps):
+        diffs = [by["belady", c]["hit_ratio"] - by["lru", c]["hit_ratio"] for c in caps]
+        g["belady_minus_lru_points"] = {c: 100 * d for c, d in zip(caps, diffs)}
+        g["belady_minus_lru_mean_points"] = 100 * sum(diffs) / len(diffs)
+        g["belady_below_min_points"] = {c: 100 * (by["belady", c]["optimal_hit_ratio"] - by["belady", c]["hit_ratio"])
+                                        for c in caps}
+    ond = {r["capacity"]: r for r in _pick(runs, scheduler="expert-aware", prefetch=False)}
+    if "expert-aware" in res and ond:
+        closed = {}
+        for c, r in ond.items():
+            p = by.get((r["policy"], c))
+            gap = r["mean_latency_s"] - res["expert-aware"]["mean_latency_s"]
+            if p is not None and gap > 0:
+                closed[c] = (r["mean_latency_s"] - p["mean_latency_s"]) / gap
+        g["prefetch_gap_closed"] = closed
+    if dense is not None and "expert-aware" in res:
+        g["tokens_per_s_vs_dense"] = res["expert-aware"]["tokens_per_s"] / dense["tokens_per_s"]
+        cap2 = [r for r in ea_runs if r["capacity"] == 2]
+        if cap2:
+            g["resident_bytes_cap2_vs_dense"] = cap2[0]["resident_bytes"] / dense["resident_bytes"]
+    if "speedup" in b1:
+        g["batch1_decode_speedup"] = b1["speedup"]
+    return g
+
+
+def summary_rows(data: dict):
+    runs = data["runs"] + ([data["dense"]] if data["dense"] else [])
+    h = ["run", "norm lat mean ms", "p95 ms", "p99 ms", "TTFT mean s", "tok/s", "experts/batch", "hit %", "MIN %",
+         "MB loaded", "prefetch hid %", "router %"]
+    rows = [[r["name"], 1000 * r["mean_norm_latency_s"], 1000 * r["p95_norm_latency_s"], 1000 * r["p99_norm_latency_s"],
+             r["mean_ttft_s"], r["tokens_per_s"], r["unique_experts_per_batch"], 100 * r["hit_ratio"],
+             100 * r["optimal_hit_ratio"] if r["optimal_hit_ratio"] is not None else None, r["bytes_loaded"] / 2 ** 20,
+             100 * r["hidden_load_share"], 100 * r["router_share"]] for r in runs]
+    return h, rows
+
+
+def write_markdown(data: dict, path: Path) -> None:
+    from ..errors import atomic_write_text
+
+    h, rows = summary_rows(data)
+    s = data["settings"]
+    g = data["goals"]
+    md = (f"# Serving benchmark\n\n{s['requests']} requests, token budget {s['token_budget']}, at most "
+          f"{s['max_running']} running, aging bound {s['max_wait']} steps, expert store `{s['store']}`, "
+          f"{s['threads']} threads. Latency is on the engine's clock (measured compute, idle gaps skipped).\n\n"
+          + report.markdown_table(h, rows)
+          + "\n## Goals\n\n```json\n" + json.dumps(g, indent=1) + "\n```\n"
+          + f"\nBatch-1 decode step: " + ", ".join(f"{k} {v:.2f}" for k, v in data["batch1_decode"].items()) + "\n"
+          + "\n![latency CDF](latency_cdf.png)\n![hit ratio](hit_ratio.png)\n![experts per batch](experts_per_batch.png)\n")
+    atomic_write_text(path, md)
+
+
+def plots(data: dict, out: Path) -> None:
+    plt = report._plt()
+    runs = data["runs"]
+    res = _pick(runs, policy="resident")
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for r in res:
+        xs = sorted(r["norm_latencies"]) if "norm_latencies" in r else []
+        if xs:
+            ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=r["scheduler"])
+    ax.set_xlabel("normalized latency (s / token)")
+    ax.set_ylabel("share of requests")
+    ax.legend(fontsize=8)
+    report._save(fig, out / "latency_cdf.png")
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ea = [r for r in runs if r["scheduler"] == "expert-aware" and r["prefetch"] and r["policy"] != "resident"]
+    for p in sorted({r["policy"] for r in ea}):
+        pts = sorted((r["capacity"], 100 * r["hit_ratio"]) for r in ea if r["policy"] == p)
+        ax.plot([c for c, _ in pts], [h for _, h in pts], marker="o", label=p)
+    mins = sorted({(r["capacity"], 100 * r["optimal_hit_ratio"]) for r in ea if r["policy"] == "belady"})
+    if mins:
+        ax.plot([c for c, _ in mins], [h for _, h in mins], "k--", label="offline MIN")
+    ax.set_xlabel("resident experts per layer")
+    ax.set_ylabel("hit ratio %")
+    ax.legend(fontsize=8)
+    report._save(fig, out / "hit_ratio.png")
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.bar([r["scheduler"] for r in res], [r["unique_experts_per_batch"] for r in res])
+    ax.set_ylabel("unique experts per batch")
+    report._save(fig, out / "experts_per_batch.png")
