@@ -8,7 +8,7 @@ import torch
 from readmoe.carve import build_model, domain_sets
 from readmoe.errors import UserError
 from readmoe.serving import Engine, EngineConfig, SamplingParams
-from readmoe.serving.experts import min_hits, simulate
+from readmoe.serving.expert_cache import min_hits, simulate
 from readmoe.serving.scheduler import SCHEDULERS, lookahead, make_scheduler
 
 from conftest import tiny_llama

@@ -428,7 +428,7 @@ def bench_serve(
     cfg.capacities = _ints(capacities, "--capacities") or cfg.capacities
     backbone.env_threads()
     moe, tok = load_readme(str(model))
-    from .serving.runner import check_supported
+    from .serving.step_runner import check_supported
 
     check_supported(moe)
     parent = dense or moe.config.parent_model

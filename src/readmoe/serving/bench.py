@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .. import report
 from ..errors import UserError, atomic_write_json
 from .engine import Engine, EngineConfig
-from .experts import POLICIES, min_hits
+from .expert_cache import POLICIES, min_hits
 from .request import SamplingParams
 from .scheduler import SCHEDULERS
 from .workload import WorkloadConfig, synthetic, trace

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .experts import ExpertCache, ExpertStore
+from .expert_cache import ExpertCache, ExpertStore
 from .request import Request, SamplingParams
-from .runner import Segment, StepRunner
+from .step_runner import Segment, StepRunner
 from .scheduler import lookahead, make_scheduler
 
 
@@ -156,7 +156,7 @@ class Engine:
         if self.cache.policy == "belady" and self.cfg.capacity is not None:
             ahead = lookahead(self.sched, self.running, self.cfg.lookahead)
             self._ahead = [e for s in ahead for e in sorted(s)]
-        self.cache.future = lambda: order + self._ahead
+        self.cache.ahead = self._ahead
         self.cache.prefetch(0, order)
         logits = self.runner.step(segs)
         firsts = []

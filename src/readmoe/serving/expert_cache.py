@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -26,6 +26,14 @@ POLICIES = ("lru", "lfu", "random", "belady")
 
 def expert_key(layer: int, expert: int, proj: str) -> str:
     return f"backbone.model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+
+
+def _copy(w: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An owned copy on `device`. On CPU through numpy: one thread, GIL released, so a loader thread does not
+    fight the compute thread for torch's intra-op threads."""
+    if device.type == "cpu" and w.dtype in (torch.float32, torch.float16):
+        return torch.from_numpy(w.numpy().copy())
+    return w.to(device, non_blocking=True, copy=True)
 
 
 class ExpertStore:
@@ -59,7 +67,7 @@ class ExpertStore:
             ws = tuple(self._file.get_tensor(expert_key(layer, expert, p)) for p in PROJ)
         else:
             ws = self._host[layer, expert]
-        ws = tuple(w.to(self.device, non_blocking=True, copy=True) for w in ws)
+        ws = tuple(_copy(w, self.device) for w in ws)
         if count:
             with self._lock:
                 self.bytes_loaded += sum(w.numel() * w.element_size() for w in ws)
@@ -69,8 +77,8 @@ class ExpertStore:
 class ExpertCache:
     """Per layer, at most `capacity` resident routed experts, evicted by `policy`.
 
-    `future()` returns the predicted accesses ahead, in order (the current step's remaining experts first,
-    then the scheduler's lookahead); only `belady` reads it. With `prefetch`, `prefetch(layer, experts)` starts loading in a
+    `ahead` is the predicted access order after the current step (the scheduler's lookahead over the
+    pre-gated queues); `belady` puts the current step's remaining accesses in front of it. With `prefetch`, `prefetch(layer, experts)` starts loading in a
     background thread; `get` then waits only for what is still in flight."""
 
     def __init__(self, store: ExpertStore, capacity: int, policy: str = "lru", prefetch: bool = False, seed: int = 0):
@@ -85,7 +93,8 @@ class ExpertCache:
         self.uses: list[dict[int, int]] = [dict() for _ in range(L)]
         self.clock = 0
         self.rng = random.Random(seed)
-        self.future: Callable[[], Sequence[int]] = lambda: []
+        self.ahead: Sequence[int] = []
+        self._upcoming: Sequence[int] = []
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
         self.hits = self.misses = 0
         self.load_s = 0.0  # time spent copying experts (in the loader thread or inline)
@@ -101,7 +110,7 @@ class ExpertCache:
             return min(cands, key=lambda e: (self.uses[layer].get(e, 0), self.last_use[layer].get(e, -1)))
         if self.policy == "random":
             return self.rng.choice(sorted(cands))
-        ahead = self.future()
+        ahead = list(self._upcoming) + list(self.ahead)
         first: dict[int, int] = {}
         for i, e in enumerate(ahead):
             first.setdefault(e, i)
@@ -131,14 +140,17 @@ class ExpertCache:
         if self.pool is None or layer >= len(self.resident):
             return
         want = list(experts)[:self.capacity]
+        self._upcoming = list(experts)
         for e in want:
             if e not in self.resident[layer]:
                 self._admit(layer, e, set(want))
                 self.prefetched[layer].add(e)
 
     def get(self, layer: int, expert: int, keep: Sequence[int] = ()) -> tuple[torch.Tensor, ...]:
-        """The expert's weights, loading it if needed (a miss); `keep` are experts this step still needs."""
+        """The expert's weights, loading it if needed (a miss); `keep` are the experts this step still needs
+        (this one first)."""
         self.clock += 1
+        self._upcoming = list(keep)[1:]
         res = self.resident[layer]
         if expert in self.prefetched[layer]:  # a miss whose load started early: counts as a miss
             self.prefetched[layer].discard(expert)
@@ -193,8 +205,8 @@ def simulate(policy: str, accesses: Sequence[Sequence[int]], capacity: int, look
     cache.store.nbytes = {}
     for t, step in enumerate(accesses):
         ahead = [e for s in accesses[t + 1:(None if lookahead is None else t + 1 + lookahead)] for e in s]
+        cache.ahead = ahead
         for j, e in enumerate(step):
-            cache.future = lambda r=list(step[j + 1:]), a=ahead: r + a
             cache.get(0, e, keep=step[j:])
     return cache.hit_ratio
 
