@@ -29,14 +29,21 @@ class RouterConfig:
     norm_eps: float = 1e-5
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE; x [B, H, T, D], pos [B, T]."""
-    d = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+def rope_angles(pos: torch.Tensor, d: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, D] for positions [B, T]; computed once per forward and shared by q, k and every block."""
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d))
     ang = pos.to(torch.float32)[:, None, :, None] * inv  # [B, 1, T, D/2]
-    cos, sin = torch.cat([ang.cos()] * 2, -1).to(x.dtype), torch.cat([ang.sin()] * 2, -1).to(x.dtype)
+    return torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, -1)
     return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE; x [B, H, T, D], pos [B, T]."""
+    return apply_rope(x, *rope_angles(pos, x.shape[-1], theta, x.dtype))
 
 
 class RouterBlock(nn.Module):
@@ -51,14 +58,19 @@ class RouterBlock(nn.Module):
         self.w_up = nn.Linear(c.dim, c.ffn_dim, bias=False)
         self.w_down = nn.Linear(c.ffn_dim, c.dim, bias=False)
 
-    def forward(self, x, pos, key_mask, past):
+    def forward(self, x, rot, key_mask, past):
         B, T, _ = x.shape
         H = self.c.n_heads
         q, k, v = self.qkv(self.attn_norm(x)).view(B, T, 3, H, -1).permute(2, 0, 3, 1, 4)
-        q, k = rope(q, pos, self.c.rope_theta), rope(k, pos, self.c.rope_theta)
+        q, k = apply_rope(q, *rot), apply_rope(k, *rot)
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         S = k.shape[2]
+        if key_mask is None and T == 1:  # one new token sees the whole prefix: no mask (the decode fast path)
+            y = F.scaled_dot_product_attention(q, k, v)
+            x = x + self.o(y.transpose(1, 2).reshape(B, T, -1))
+            h = self.ffn_norm(x)
+            return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h)), (k, v)
         # causal over the new tokens, full view of the cached prefix, padding keys hidden
         allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
         if key_mask is not None:
@@ -90,9 +102,10 @@ class PreGatingRouter(nn.Module):
         else:
             pos = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)
+        rot = rope_angles(pos, self.c.dim // self.c.n_heads, self.c.rope_theta, x.dtype)
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, pos, attention_mask, cache[i] if cache else None)
+            x, kv = block(x, rot, attention_mask, cache[i] if cache else None)
             new_cache.append(kv)
         return self.head(self.norm(x)), new_cache
 
