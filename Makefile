@@ -28,8 +28,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Needs the demo's trained checkpoint (make demo first).
 bench: install
 	$(BIN)/python benchmarks/forward.py --out runs/bench
+	$(BIN)/readmoe bench serve --model runs/demo/model --out runs/serve
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -75,3 +75,28 @@ def test_real_gemma3_carves_exactly():
         ref = masked_dense_logits(dense, ids, [torch.cat([sh, ex[1]]) for sh, ex in moe.neuron_sets()])
         got = moe(ids, expert_ids=1).logits
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_real_engine_matches_generate_and_scores_mmlu(pipeline):
+    """The serving engine on the real carved model: greedy output equals generate, alone and batched, with the
+    expert cache at capacity 1 reading experts from the checkpoint file; MMLU cloze scoring runs on it."""
+    from readmoe import assets, mmlu
+    from readmoe.serving import Engine, EngineConfig, SamplingParams
+
+    _, model, _ = pipeline
+    moe, tok = load_readme(str(model))
+    prompts = [tok(t)["input_ids"] for t in ("The BBC reported that the minister", "def fibonacci(n):\n    ")]
+    want = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            out = moe.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+        want.append(out[0, len(p):].tolist())
+    eng = Engine(moe, EngineConfig(scheduler="expert-aware", capacity=1, policy="belady"), checkpoint=model)
+    assert [eng.run([(0.0, p, SamplingParams(max_tokens=8))])[0].output_ids for p in prompts] == want
+    assert [r.output_ids for r in eng.run([(0.0, p, SamplingParams(max_tokens=8)) for p in prompts])] == want
+    assert eng.cache.misses > 0
+    eng.close()
+    res = mmlu.score(moe, tok, mmlu.load(assets.mmlu_jsonl(), 8))
+    assert res["n"] == 8 and 0 <= res["accuracy"] <= 1
