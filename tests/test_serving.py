@@ -153,6 +153,25 @@ def test_engine_greedy_equals_generate_alone_and_batched(served, cfg):
     eng.close()
 
 
+def test_prefetch_makes_the_same_loads_as_on_demand_and_link_emulation_takes_time(served):
+    import time
+
+    moe, d = served
+    logs = {}
+    for pf in (False, True):
+        eng = Engine(moe, EngineConfig(scheduler="expert-aware", capacity=2, policy="belady", prefetch=pf), checkpoint=d)
+        eng.run([(0.0, p, SamplingParams(max_tokens=6)) for p in PROMPTS])
+        logs[pf] = (eng.access_log, eng.cache.hits, eng.cache.misses, eng.cache.store.bytes_loaded)
+        eng.close()
+    assert logs[True] == logs[False]
+    eng = Engine(moe, EngineConfig(capacity=1, link_gbps=0.001), checkpoint=d)  # 1 MB/s
+    t = time.perf_counter()
+    ws = eng.cache.store.load(0, 1)
+    n = sum(w.numel() * w.element_size() for w in ws)
+    assert time.perf_counter() - t >= n / 1e6 * 0.95
+    eng.close()
+
+
 def test_sampling_stop_and_cancel_free_kv(served):
     moe, d = served
     eng = Engine(moe, EngineConfig(scheduler="decode-first"))

@@ -37,6 +37,7 @@ class BenchConfig:
     max_running: int = 16
     max_wait: int = 8
     store: str = "disk"
+    link_gbps: float | None = None
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     trace: str | None = None
 
@@ -102,7 +103,8 @@ def batch1_decode_ms(moe, checkpoint, prompt: list[int], tokens: int = 32, repea
 
 def plan(cfg: BenchConfig, num_experts: int) -> list[EngineConfig]:
     caps = cfg.capacities or list(range(1, num_experts))
-    base = dict(token_budget=cfg.token_budget, max_running=cfg.max_running, max_wait=cfg.max_wait, store=cfg.store)
+    base = dict(token_budget=cfg.token_budget, max_running=cfg.max_running, max_wait=cfg.max_wait, store=cfg.store,
+                link_gbps=cfg.link_gbps)
     runs = [EngineConfig(scheduler=s, capacity=None, **base) for s in cfg.schedulers]
     runs += [EngineConfig(scheduler=s, policy=p, capacity=c, prefetch=True, **base)
              for s in cfg.schedulers for p in cfg.policies for c in caps]
@@ -158,7 +160,7 @@ def bench(moe, checkpoint: Path, tok, corpus, dense_engine_model, cfg: BenchConf
     data = {"runs": runs, "dense": dense_row, "batch1_decode": b1, "goals": goals(runs, dense_row, b1, E),
             "settings": {"workload": asdict(cfg.workload) if not cfg.trace else {"trace": cfg.trace},
                          "requests": len(wl), "token_budget": cfg.token_budget, "max_running": cfg.max_running,
-                         "max_wait": cfg.max_wait, "store": cfg.store, "experts": E,
+                         "max_wait": cfg.max_wait, "store": cfg.store, "link_gbps": cfg.link_gbps, "experts": E,
                          "threads": torch.get_num_threads()},
             "seconds": round(time.time() - t0, 1)}
     atomic_write_json(out / "report.json", data)
@@ -230,7 +232,8 @@ def write_markdown(data: dict, path: Path) -> None:
     s = data["settings"]
     g = data["goals"]
     md = (f"# Serving benchmark\n\n{s['requests']} requests, token budget {s['token_budget']}, at most "
-          f"{s['max_running']} running, aging bound {s['max_wait']} steps, expert store `{s['store']}`, "
+          f"{s['max_running']} running, aging bound {s['max_wait']} steps, expert store `{s['store']}`"
+          + (f" behind an emulated {s['link_gbps']} GB/s link" if s.get('link_gbps') else "") + f", "
           f"{s['threads']} threads. Latency is on the engine's clock (measured compute, idle gaps skipped).\n\n"
           + report.markdown_table(h, rows)
           + "\n## Goals\n\n```json\n" + json.dumps(g, indent=1) + "\n```\n"

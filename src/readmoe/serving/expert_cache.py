@@ -39,8 +39,13 @@ def _copy(w: torch.Tensor, device: torch.device) -> torch.Tensor:
 class ExpertStore:
     """Where non-resident experts live. `disk`: read per expert from model.safetensors; `host`: CPU tensors."""
 
-    def __init__(self, model, checkpoint: str | Path | None = None, kind: str = "disk", device="cpu"):
+    def __init__(self, model, checkpoint: str | Path | None = None, kind: str = "disk", device="cpu",
+                 link_gbps: float | None = None):
         self.kind, self.device = kind, torch.device(device)
+        # Emulated host->accelerator link: a load takes at least bytes / link_gbps, waited off the compute cores.
+        # On a CPU-only machine a "load" is a page-cache memcpy that competes with compute for the same cores;
+        # the link is what an offloading GPU server (the paper's setting) pays, and what prefetching can hide.
+        self.link_gbps = link_gbps
         self.num_layers, self.num_experts = len(model.moe_layers()), model.num_experts
         self._file = None
         self._host: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
@@ -63,14 +68,18 @@ class ExpertStore:
         self._lock = threading.Lock()
 
     def load(self, layer: int, expert: int, count: bool = True) -> tuple[torch.Tensor, ...]:
+        t0 = time.perf_counter()
         if self._file is not None:
             ws = tuple(self._file.get_tensor(expert_key(layer, expert, p)) for p in PROJ)
         else:
             ws = self._host[layer, expert]
         ws = tuple(_copy(w, self.device) for w in ws)
+        n = sum(w.numel() * w.element_size() for w in ws)
         if count:
             with self._lock:
-                self.bytes_loaded += sum(w.numel() * w.element_size() for w in ws)
+                self.bytes_loaded += n
+            if self.link_gbps:
+                time.sleep(max(0.0, n / (self.link_gbps * 1e9) - (time.perf_counter() - t0)))
         return ws
 
 
@@ -136,15 +145,21 @@ class ExpertCache:
 
     # -------------------------------------------------------------- use
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
-        """Start loading `experts` of `layer` (at most `capacity`, in access order) without blocking."""
+        """Start loading the step's `experts` of `layer`, in access order, without blocking.
+
+        Only into free slots or over experts this step does not need, so prefetching never evicts what the
+        step is about to use and makes exactly the loads on-demand loading would make, earlier."""
         if self.pool is None or layer >= len(self.resident):
             return
-        want = list(experts)[:self.capacity]
+        res, needed = self.resident[layer], set(experts)
         self._upcoming = list(experts)
-        for e in want:
-            if e not in self.resident[layer]:
-                self._admit(layer, e, set(want))
-                self.prefetched[layer].add(e)
+        for e in experts:
+            if e in res:
+                continue
+            if len(res) >= self.capacity and all(x in needed for x in res):
+                break
+            self._admit(layer, e, needed)
+            self.prefetched[layer].add(e)
 
     def get(self, layer: int, expert: int, keep: Sequence[int] = ()) -> tuple[torch.Tensor, ...]:
         """The expert's weights, loading it if needed (a miss); `keep` are the experts this step still needs

@@ -114,7 +114,7 @@ class ExpertAware(Scheduler):
 
     def fill(self, reqs, budget):
         queues: dict[int, list] = {}
-        for r in reqs:  # FCFS within a queue (reqs come sorted by arrival)
+        for r in sorted(reqs, key=lambda r: r.in_prefill):  # within a queue: decode tokens first, then FCFS
             queues.setdefault(r.pending_experts[0], []).append(r)
         size = {e: sum(head_run(r.pending_experts) for r in q) for e, q in queues.items()}
         out = []
