@@ -35,7 +35,8 @@ class EngineConfig:
     policy: str = "belady"
     prefetch: bool = True
     store: str = "disk"  # "disk" (the checkpoint's safetensors) or "host"; host when no checkpoint is given
-    lookahead: int = 4  # scheduler steps simulated for belady
+    lookahead: int = 16  # scheduler steps simulated for belady
+    prefetch_depth: int = 2  # layers loaded ahead of the one computing
     link_gbps: float | None = None  # emulate a host->accelerator link of this bandwidth for expert loads
 
 
@@ -73,7 +74,8 @@ class Engine:
             self.cache.warm()  # every expert resident: no loads while serving
         self.runner = StepRunner(moe, self._expert)
         if self.cache.pool is not None:
-            self.runner.on_layer = lambda l, order: self.cache.prefetch(l + 1, order)
+            depth = cfg.prefetch_depth
+            self.runner.on_layer = lambda l, order: self.cache.prefetch(l + depth, order)
         self.eos = eos_token_id
         self.max_len = self.runner.max_len
         self.waiting: list[Request] = []
@@ -157,7 +159,8 @@ class Engine:
             ahead = lookahead(self.sched, self.running, self.cfg.lookahead)
             self._ahead = [e for s in ahead for e in sorted(s)]
         self.cache.ahead = self._ahead
-        self.cache.prefetch(0, order)
+        for l in range(self.cfg.prefetch_depth + 1 if self.cache.pool is not None else 0):
+            self.cache.prefetch(l, order)
         logits = self.runner.step(segs)
         firsts = []
         for i, (r, seg) in enumerate(zip(reqs, segs)):
