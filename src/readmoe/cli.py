@@ -329,13 +329,13 @@ def generate(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="directory for stats, checkpoints and reports"),
     model: str = typer.Option("embedded", help=MODEL_HELP),
-    samples: int = typer.Option(16, help="calibration sequences per domain"),
+    samples: int = typer.Option(12, help="calibration sequences per domain"),
     seq_len: int = typer.Option(512, help="tokens per calibration / evaluation sequence"),
-    eval_seqs: int = typer.Option(3, help="validation sequences per domain"),
+    eval_seqs: int = typer.Option(2, help="validation sequences per domain"),
     keep: float = typer.Option(0.5, help="share of neurons each domain keeps"),
     budget: str = typer.Option("demo", help="training budget: demo, full, paper"),
     baselines: str = typer.Option("all", help="baselines to train and compare: 'all', 'none' or pruned,layerwise"),
-    mmlu: str = typer.Option("200", help="MMLU questions for dense, readme and pruned (`readmoe eval` defaults to 1000)"),
+    mmlu: str = typer.Option("150", help="MMLU questions for dense, readme and pruned (`readmoe eval` defaults to 1000)"),
 ):
     """The whole pipeline on the embedded default: calibrate, carve, train, baselines, evaluate; prints the tables.
 

@@ -219,7 +219,7 @@ def expert_phase(moe, seqs, cfg: TrainConfig, rnd: int, log, progress: bool, acc
     moe.requires_grad_(False)
 
 
-def recovery_seqs(tok, corpus: Corpus, domains: list[str], cfg: TrainConfig, per_domain: int = 2) -> torch.Tensor:
+def recovery_seqs(tok, corpus: Corpus, domains: list[str], cfg: TrainConfig, per_domain: int = 1) -> torch.Tensor:
     """A small fixed validation set, evaluated after every expert phase: the recovery curve."""
     return torch.cat([corpus.sequences(tok, d, "validation", per_domain, cfg.seq_len) for d in domains])
 
