@@ -23,7 +23,7 @@ def pipeline(tmp_path_factory):
 
     for args in (["calibrate", "--domains", "news,code", "--samples", "2", "--seq-len", "128", "--out", stats],
                  ["carve", "--stats", stats, "--keep", "0.5", "--out", model],
-                 ["eval", "--model", model, "--domains", "news,code", "--seqs", "1", "--seq-len", "128", "--out", report]):
+                 ["eval", "--model", model, "--domains", "news,code", "--seqs", "1", "--seq-len", "128", "--mmlu", "24", "--out", report]):
         mp.setattr(sys, "argv", ["readmoe", *map(str, args)])
         with pytest.raises(SystemExit) as e:
             cli.main()
