@@ -31,7 +31,7 @@ test: install
 # Needs the demo's trained checkpoint (make demo first).
 bench: install
 	$(BIN)/python benchmarks/forward.py --out runs/bench
-	$(BIN)/readmoe bench serve --model runs/demo/model --out runs/serve
+	$(BIN)/readmoe bench serve --model runs/demo/model --out runs/serve --requests 32 --rate 4 --token-budget 8 --max-running 16 --link-gbps 2
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
