@@ -30,6 +30,14 @@ def build_layerwise(moe, dense):
                        c.router_dim, scores=moe.neuron_scores, routing="layerwise")
 
 
+def one_path_model(dense, keep: list[torch.Tensor], name: str, mode: str, keep_share: float, parent: str | None,
+                   scores: torch.Tensor | None = None):
+    """A dense model over `keep[l]` neurons per layer, as a readmoe model with one empty routed expert."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return build_model(dense, (keep, [[empty] for _ in keep]), [name], keep_share, mode, parent, router_dim=8,
+                       scores=scores)
+
+
 def build_pruned(moe, dense):
     """Same active MLP size per layer as `moe`, top neurons by `moe.neuron_scores`, no routed expert."""
     scores = moe.neuron_scores
@@ -38,10 +46,7 @@ def build_pruned(moe, dense):
     shared, experts = carved_sets(moe)
     sizes = [round(len(s) + sum(len(e) for e in ex) / len(ex)) for s, ex in zip(shared, experts)]
     keep = [scores[l].topk(k).indices.sort().values for l, k in enumerate(sizes)]
-    empty = torch.zeros(0, dtype=torch.long)
-    c = moe.config
-    return build_model(dense, (keep, [[empty] for _ in keep]), ["pruned"], c.keep, "pruned", c.parent_model,
-                       router_dim=8, scores=scores)
+    return one_path_model(dense, keep, "pruned", "pruned", moe.config.keep, moe.config.parent_model, scores)
 
 
 def build(name: str, moe, dense):

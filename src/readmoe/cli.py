@@ -452,12 +452,10 @@ def dense_on_engine(dense, moe):
     """The dense parent as a one-path model (every neuron in the shared expert), to serve it on the same engine."""
     import torch
 
-    from .carve import build_model
+    from .baselines import one_path_model
 
     L, I = len(moe.moe_layers()), moe.config.text_config.intermediate_size
-    empty = torch.zeros(0, dtype=torch.long)
-    return build_model(dense, ([torch.arange(I)] * L, [[empty]] * L), ["dense"], 1.0, "dense",
-                       moe.config.parent_model, router_dim=8)
+    return one_path_model(dense, [torch.arange(I)] * L, "dense", "dense", 1.0, moe.config.parent_model)
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ def _encode(tok, q: dict, max_prompt: int) -> tuple[list[int], list[list[int]]]:
 
 
 def pack(items: list[tuple[list[int], list[list[int]]]], pad_id: int):
-    """Rows of prompt + answers: ids, positions, an additive 4D mask [B, 1, T, T], and per-row answer spans."""
+    """Rows of prompt + answers: ids, positions, which keys each token may see [B, T, T], and per-row answer spans."""
     lens = [len(p) + sum(len(a) for a in ans) for p, ans in items]
     B, T = len(items), max(lens)
     ids = torch.full((B, T), pad_id, dtype=torch.long)

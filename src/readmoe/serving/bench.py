@@ -24,7 +24,7 @@ from ..errors import UserError, atomic_write_json
 from .engine import Engine, EngineConfig
 from .expert_cache import POLICIES, min_hits
 from .request import SamplingParams
-from .scheduler import SCHEDULERS
+from .scheduler import SCHEDULERS, make_scheduler
 from .workload import WorkloadConfig, synthetic, trace
 
 
@@ -60,7 +60,8 @@ def summarize(eng: Engine, reqs, name: str) -> dict:
     span = max(r.finish_s for r in reqs) - min(r.arrival_s for r in reqs)
     c = eng.cache
     cap = eng.cfg.capacity
-    hits, n = min_hits(eng.access_log, cap) if cap is not None else (n_all := sum(map(len, eng.access_log)), n_all)
+    n = sum(map(len, eng.access_log))
+    hits = min_hits(eng.access_log, cap)[0] if cap is not None else n  # all resident: every access hits
     out = {"name": name, "scheduler": eng.cfg.scheduler, "policy": eng.cfg.policy if cap is not None else "resident",
            "capacity": cap if cap is not None else eng.moe.num_experts, "prefetch": bool(c.pool is not None),
            "requests": len(reqs), "generated_tokens": gen, "steps": len(steps)}
@@ -83,7 +84,7 @@ def summarize(eng: Engine, reqs, name: str) -> dict:
         "router_share": eng.stats.router_s / eng.stats.busy_s if eng.stats.busy_s else None,
         "resident_bytes": eng.resident_bytes(),
         "norm_latencies": norm,
-        "accesses_per_layer": sum(map(len, eng.access_log)), "layers": L,
+        "accesses_per_layer": n, "layers": L,
     })
     return out
 
@@ -122,8 +123,7 @@ def run_name(c: EngineConfig) -> str:
 
 def bench(moe, checkpoint: Path, tok, corpus, dense_engine_model, cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
     for s in cfg.schedulers:
-        if s not in SCHEDULERS:
-            raise UserError(f"unknown scheduler '{s}'; use {', '.join(SCHEDULERS)}")
+        make_scheduler(s, cfg.token_budget)  # an unknown name fails here, before any run
     for p in cfg.policies:
         if p not in POLICIES:
             raise UserError(f"unknown cache policy '{p}'; use {', '.join(POLICIES)}")

@@ -20,7 +20,7 @@ import torch
 from ..errors import UserError
 from .expert_cache import ExpertCache, ExpertStore
 from .request import Request, SamplingParams
-from .step_runner import Segment, StepRunner
+from .step_runner import Segment, StepRunner, first_use_order
 from .scheduler import lookahead, make_scheduler
 
 
@@ -152,8 +152,8 @@ class Engine:
         ran = {r.rid for r in reqs}
         for r in self.running:
             r.waited = 0 if r.rid in ran else (r.waited + 1 if r.pending else 0)
-        exps = [e for s in segs for e in s.experts]
-        order = list(dict.fromkeys(exps))  # first-use order, the order the MLP visits them
+        n_tokens = sum(len(s.tokens) for s in segs)
+        order = first_use_order(segs)
         self.access_log.append(order)
         if self.cache.policy == "belady" and self.cfg.capacity is not None:
             ahead = lookahead(self.sched, self.running, self.cfg.lookahead)
@@ -175,7 +175,7 @@ class Engine:
         for r in firsts:
             r.first_token_s = self.now
         self.stats.busy_s += dt
-        self.stats.steps.append(StepStats(self.step_no, len(exps), order, dt, left_before - len(exps)))
+        self.stats.steps.append(StepStats(self.step_no, n_tokens, order, dt, left_before - n_tokens))
         for r in [r for r in self.running if r.finished]:
             self.running.remove(r)
         self.step_no += 1
@@ -256,14 +256,6 @@ class Engine:
         L = len(self.runner.layers)
         atomic_write_text(path, "".join(json.dumps({"step": s, "layer": l, "experts": sorted(order)}) + "\n"
                                         for s, order in enumerate(self.access_log) for l in range(L)))
-
-    def drop_model_experts(self) -> None:
-        """Free the model's own routed-expert weights: from now on they live only in the store and the cache."""
-        for m in self.moe.moe_layers():
-            for ex in m.experts:
-                for p in ("gate_proj", "up_proj", "down_proj"):
-                    lin = getattr(ex, p)
-                    lin.weight = torch.nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
 
     def resident_bytes(self) -> int:
         """Weights that must stay resident: everything but the routed experts, plus the cache's experts."""

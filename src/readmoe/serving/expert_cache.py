@@ -62,18 +62,20 @@ class ExpertStore:
                     self._host[l, e] = tuple(w.pin_memory() if torch.cuda.is_available() else w for w in ws)
         else:
             raise ValueError(f"unknown expert store '{kind}': use disk or host")
-        self.nbytes = {(l, e): sum(w.numel() * w.element_size() for w in self.load(l, e, count=False))
+        self.nbytes = {(l, e): sum(w.numel() * w.element_size() for w in self._source(l, e))
                        for l in range(self.num_layers) for e in range(self.num_experts)}
         self.bytes_loaded = 0
         self._lock = threading.Lock()
 
+    def _source(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
+        """The stored weights, not copied (safetensors hands out views of its memory map)."""
+        if self._file is not None:
+            return tuple(self._file.get_tensor(expert_key(layer, expert, p)) for p in PROJ)
+        return self._host[layer, expert]
+
     def load(self, layer: int, expert: int, count: bool = True) -> tuple[torch.Tensor, ...]:
         t0 = time.perf_counter()
-        if self._file is not None:
-            ws = tuple(self._file.get_tensor(expert_key(layer, expert, p)) for p in PROJ)
-        else:
-            ws = self._host[layer, expert]
-        ws = tuple(_copy(w, self.device) for w in ws)
+        ws = tuple(_copy(w, self.device) for w in self._source(layer, expert))
         n = sum(w.numel() * w.element_size() for w in ws)
         if count:
             with self._lock:
@@ -87,8 +89,9 @@ class ExpertCache:
     """Per layer, at most `capacity` resident routed experts, evicted by `policy`.
 
     `ahead` is the predicted access order after the current step (the scheduler's lookahead over the
-    pre-gated queues); `belady` puts the current step's remaining accesses in front of it. With `prefetch`, `prefetch(layer, experts)` starts loading in a
-    background thread; `get` then waits only for what is still in flight."""
+    pre-gated queues); `belady` puts the current step's remaining accesses in front of it. With `prefetch`,
+    `prefetch(layer, experts)` starts loading in a background thread; `get` then waits only for what is still
+    in flight."""
 
     def __init__(self, store: ExpertStore, capacity: int, policy: str = "lru", prefetch: bool = False, seed: int = 0):
         if policy not in POLICIES:

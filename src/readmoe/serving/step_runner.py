@@ -53,6 +53,11 @@ class Segment:
     experts: list[int]
 
 
+def first_use_order(segs: list[Segment]) -> list[int]:
+    """The batch's routed experts in the order the MLP visits them (first use in the flat batch)."""
+    return list(dict.fromkeys(e for s in segs for e in s.experts))
+
+
 def check_supported(moe) -> None:
     tc = moe.config.text_config
     layer = moe.backbone.model.layers[0]
@@ -68,7 +73,7 @@ def check_supported(moe) -> None:
 
 
 class StepRunner:
-    def __init__(self, moe, expert_fn=None):
+    def __init__(self, moe, expert_fn):
         check_supported(moe)
         self.moe = moe
         m = moe.backbone.model
@@ -81,7 +86,7 @@ class StepRunner:
         self.scaling = getattr(attn, "scaling", self.head_dim ** -0.5)
         self.rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         self.max_len = getattr(tc, "max_position_embeddings", None)
-        self.expert_fn = expert_fn  # (layer, expert, keep) -> (gate, up, down) weights; None: the model's own
+        self.expert_fn = expert_fn  # (layer, expert, rest of the step's experts) -> (gate, up, down) weights
         self.on_layer = None  # called with the layer index before it runs (the prefetcher's hook)
         p = next(moe.parameters())
         self.dtype, self.device = p.dtype, p.device
@@ -92,8 +97,6 @@ class StepRunner:
     def _mlp(self, l: int, x: torch.Tensor, ids: torch.Tensor, order: list[int]) -> torch.Tensor:
         mlp = self.layers[l].mlp
         out = mlp.shared(x)
-        if self.expert_fn is None:
-            return out + mlp.dispatch(x, ids)
         act = mlp.shared.act_fn
         for j, e in enumerate(order):
             sel = (ids == e).nonzero().flatten()
@@ -114,7 +117,7 @@ class StepRunner:
         lens = [len(s.tokens) for s in segs]
         ids = torch.tensor([t for s in segs for t in s.tokens], device=self.device)
         eids = torch.tensor([e for s in segs for e in s.experts], device=self.device)
-        order = sorted(set(eids.tolist()), key=lambda e: (eids == e).nonzero()[0].item())  # first-use order
+        order = first_use_order(segs)
         pos = torch.cat([torch.arange(s.kv.len, s.kv.len + n) for s, n in zip(segs, lens)]).to(self.device)
         for s, n in zip(segs, lens):
             s.kv.reserve(n)
