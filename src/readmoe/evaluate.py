@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 from tqdm.auto import tqdm
@@ -129,13 +130,20 @@ def routing_stats(choices: dict, num_experts: int) -> dict:
 
 
 @torch.no_grad()
-def router_time_share(moe, prompt: torch.Tensor, steps: int = 32) -> float | None:
-    """Batch-1 greedy decode: the router's share of the time of a whole MoE forward step (router included)."""
-    import time
+def router_time_share(moe, prompt: torch.Tensor, steps: int = 32, repeats: int = 3) -> float | None:
+    """Batch-1 greedy decode: the router's share of the time of a whole MoE forward step (router included).
 
+    A few warm-up steps first (first calls pay one-off allocation costs), then the median of `repeats` runs."""
     if moe.layerwise:
         return None
     prompt = prompt.to(next(moe.parameters()).device)
+    _decode_timing(moe, prompt, 4)
+    return statistics.median(_decode_timing(moe, prompt, steps) for _ in range(repeats))
+
+
+def _decode_timing(moe, prompt: torch.Tensor, steps: int) -> float:
+    import time
+
     out = moe(input_ids=prompt, use_cache=True)
     cache, rcache = out.past_key_values, out.router_cache
     tok = out.logits[:, -1:].argmax(-1)
