@@ -259,7 +259,7 @@ def train(
     model: Path = typer.Option(..., help="readmoe checkpoint directory (from `readmoe carve`)"),
     corpus: str = typer.Option("embedded", help=CORPUS_HELP),
     out: Path = typer.Option(..., help="directory for the trained checkpoint (resumes if it holds a partial run)"),
-    budget: str = typer.Option("demo", help="demo (minutes on a CPU), full (about an hour), paper (the paper's recipe)"),
+    budget: str = typer.Option("demo", help="demo (minutes on a CPU), full (about 30 min on 2 CPU cores), paper (the paper's recipe)"),
     rounds: Optional[int] = typer.Option(None, help="router/expert rounds"),
     router_steps: Optional[int] = typer.Option(None, help="router distillation steps per round"),
     expert_steps: Optional[int] = typer.Option(None, help="expert tuning steps per round"),
