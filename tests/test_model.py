@@ -102,6 +102,20 @@ def test_router_cache_matches_full_recompute():
     torch.testing.assert_close(torch.cat([head, tail], 1), full)
 
 
+
+def test_router_left_padding_and_long_contexts_match_plain_positions():
+    """A left-padded row routes like the same row unpadded, in prefill and in cached decode, also past the
+    length of the router's first RoPE table (it grows on demand)."""
+    moe, _ = carve(tiny_llama(), n_domains=4)
+    ids = torch.randint(0, VOCAB, (1, 300))
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    padded, mask = torch.cat([pad, ids[:, :-1]], 1), torch.cat([pad, torch.ones_like(ids[:, :-1])], 1)
+    want, _ = moe.router(ids)
+    head, cache = moe.router(padded, mask)
+    tail, _ = moe.router(ids[:, -1:], torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1), cache)
+    torch.testing.assert_close(head[:, 5:], want[:, :-1])
+    torch.testing.assert_close(tail, want[:, -1:])
+
 def test_router_is_causal():
     moe, _ = carve(tiny_llama(), n_domains=4)
     with torch.no_grad():

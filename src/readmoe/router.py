@@ -29,21 +29,16 @@ class RouterConfig:
     norm_eps: float = 1e-5
 
 
-def rope_angles(pos: torch.Tensor, d: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, 1, T, D] for positions [B, T]; computed once per forward and shared by q, k and every block."""
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d))
-    ang = pos.to(torch.float32)[:, None, :, None] * inv  # [B, 1, T, D/2]
-    return torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+def rope_table(n: int, d: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [n, d] fp32 for positions 0..n-1 (rotate-half layout)."""
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv
+    return torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, -1)
     return x * cos + torch.cat([-x2, x1], -1) * sin
-
-
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE; x [B, H, T, D], pos [B, T]."""
-    return apply_rope(x, *rope_angles(pos, x.shape[-1], theta, x.dtype))
 
 
 class RouterBlock(nn.Module):
@@ -61,8 +56,8 @@ class RouterBlock(nn.Module):
     def forward(self, x, rot, key_mask, past):
         B, T, _ = x.shape
         H = self.c.n_heads
-        q, k, v = self.qkv(self.attn_norm(x)).view(B, T, 3, H, -1).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, *rot), apply_rope(k, *rot)
+        qkv = self.qkv(self.attn_norm(x)).view(B, T, 3, H, -1).permute(2, 0, 3, 1, 4)
+        (q, k), v = apply_rope(qkv[:2], *rot).unbind(0), qkv[2]  # q and k rotated in one pass
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         S = k.shape[2]
@@ -91,18 +86,32 @@ class PreGatingRouter(nn.Module):
         self.blocks = nn.ModuleList(RouterBlock(c) for _ in range(c.n_layers))
         self.norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
         self.head = nn.Linear(c.dim, c.num_experts, bias=False)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin table, grown on demand (not saved)
+
+    def rotation(self, past_len: int, T: int, pos: torch.Tensor | None, device, dtype):
+        """cos, sin broadcastable to [B, heads, T, head_dim]: rows of a cached table, so a decode step costs
+        two slices instead of recomputing the angles (the router's step is a few dozen tiny ops; each counts)."""
+        need = past_len + T
+        if self._rope is None or self._rope[0].shape[0] < need or self._rope[0].device != torch.device(device):
+            n = max(need, 256, 2 * (self._rope[0].shape[0] if self._rope is not None else 0))
+            self._rope = rope_table(n, self.c.dim // self.c.n_heads, self.c.rope_theta, device)
+        cos, sin = self._rope
+        if pos is None:  # every row at positions past_len .. past_len + T - 1
+            cos, sin = cos[past_len:need], sin[past_len:need]
+        else:  # per-row positions [B, T] (left padding)
+            cos, sin = cos[pos][:, None], sin[pos][:, None]
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: RouterCache | None = None) -> tuple[torch.Tensor, RouterCache]:
         """Logits [B, T, num_experts] for the new tokens, and the extended cache."""
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         past_len = cache[0][0].shape[2] if cache else 0
+        pos = None
         if attention_mask is not None:
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        else:
-            pos = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)
-        rot = rope_angles(pos, self.c.dim // self.c.n_heads, self.c.rope_theta, x.dtype)
+        rot = self.rotation(past_len, T, pos, x.device, x.dtype)
         new_cache = []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, rot, attention_mask, cache[i] if cache else None)
