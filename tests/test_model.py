@@ -102,7 +102,6 @@ def test_router_cache_matches_full_recompute():
     torch.testing.assert_close(torch.cat([head, tail], 1), full)
 
 
-
 def test_router_left_padding_and_long_contexts_match_plain_positions():
     """A left-padded row routes like the same row unpadded, in prefill and in cached decode, also past the
     length of the router's first RoPE table (it grows on demand)."""
@@ -115,6 +114,7 @@ def test_router_left_padding_and_long_contexts_match_plain_positions():
     tail, _ = moe.router(ids[:, -1:], torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1), cache)
     torch.testing.assert_close(head[:, 5:], want[:, :-1])
     torch.testing.assert_close(tail, want[:, -1:])
+
 
 def test_router_is_causal():
     moe, _ = carve(tiny_llama(), n_domains=4)

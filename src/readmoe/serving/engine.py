@@ -159,7 +159,7 @@ class Engine:
             ahead = lookahead(self.sched, self.running, self.cfg.lookahead)
             self._ahead = [e for s in ahead for e in sorted(s)]
         self.cache.ahead = self._ahead
-        for l in range(self.cfg.prefetch_depth + 1 if self.cache.pool is not None else 0):
+        for l in range(self.cfg.prefetch_depth + 1):  # a no-op without a prefetcher
             self.cache.prefetch(l, order)
         logits = self.runner.step(segs)
         firsts = []

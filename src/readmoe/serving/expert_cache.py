@@ -76,7 +76,7 @@ class ExpertStore:
     def load(self, layer: int, expert: int, count: bool = True) -> tuple[torch.Tensor, ...]:
         t0 = time.perf_counter()
         ws = tuple(_copy(w, self.device) for w in self._source(layer, expert))
-        n = sum(w.numel() * w.element_size() for w in ws)
+        n = self.nbytes[layer, expert]
         if count:
             with self._lock:
                 self.bytes_loaded += n
