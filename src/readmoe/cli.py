@@ -55,6 +55,8 @@ def carve(
     keep: float = typer.Option(0.5, help="share of neurons each domain keeps per layer (0, 1]"),
     experts: Optional[int] = typer.Option(None, help="domain-free mode: K co-activation clusters instead of domains"),
     router_dim: Optional[int] = typer.Option(None, help="router width (default 128, 512 for hidden >= 2048)"),
+    overwrite: bool = typer.Option(False, help="write into a directory holding other files, replacing only the files "
+                                              "this command writes (unknown files are never deleted)"),
 ):
     """Carve a shared expert + one routed expert per domain and write an HF checkpoint."""
     from . import backbone
@@ -65,16 +67,17 @@ def carve(
     st = load_stats(stats)
     backbone.env_threads()
     dense, tok = backbone.load_dense(model)
-    carve_and_save(dense, tok, model, st, keep, out, experts, router_dim)
+    carve_and_save(dense, tok, model, st, keep, out, experts, router_dim, overwrite=overwrite)
 
 
-def carve_and_save(dense, tok, model_spec, st, keep, out, experts=None, router_dim=None):
+def carve_and_save(dense, tok, model_spec, st, keep, out, experts=None, router_dim=None, overwrite=False):
     from .carve import (build_model, carve_table, check_stats_match, cluster_sets, dense_params, domain_sets, neuron_scores,
                         param_summary)
-    from .errors import atomic_dir
     from . import report
+    from .outdir import claim, output_dir
 
     check_stats_match(st, dense)
+    claim(out, "carve", overwrite)  # refuse before the minutes of work, not after
     if experts is None:
         if len(st.domains) < 1:
             raise UserError("stats hold no domain")
@@ -84,7 +87,7 @@ def carve_and_save(dense, tok, model_spec, st, keep, out, experts=None, router_d
     parent = model_spec if model_spec.startswith("embedded") or not Path(model_spec).exists() else str(Path(model_spec).resolve())
     moe = build_model(dense, sets, names, keep, mode, parent, router_dim, scores=neuron_scores(st))
     table, params, dense_total = carve_table(moe), param_summary(moe), dense_params(dense)
-    with atomic_dir(out) as tmp:
+    with output_dir(out, "carve", overwrite) as tmp:
         moe.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         h, rows = report.carve_rows(table)
@@ -319,6 +322,8 @@ def generate(
         else:
             raise UserError(f"unknown expert '{expert}'; this model has: {', '.join(names)}")
     ids = tok(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise UserError("--prompt is empty; give some text to continue")
     with torch.no_grad():
         out = moe.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
                            pad_token_id=tok.eos_token_id, **kw)
@@ -336,6 +341,8 @@ def demo(
     budget: str = typer.Option("demo", help="training budget: demo, full, paper"),
     baselines: str = typer.Option("all", help="baselines to train and compare: 'all', 'none' or pruned,layerwise"),
     mmlu: str = typer.Option("150", help="MMLU questions for dense, readme and pruned (`readmoe eval` defaults to 1000)"),
+    overwrite: bool = typer.Option(False, help="write into a directory holding other files, replacing only the files "
+                                              "this command writes (unknown files are never deleted)"),
 ):
     """The whole pipeline on the embedded default: calibrate, carve, train, baselines, evaluate; prints the tables.
 
@@ -349,9 +356,15 @@ def demo(
     from .corpus import Corpus
     from .train import make_config, train as run_train
 
+    from .outdir import claim, mark, read_manifest
+
     check_keep(keep)
     cfg = make_config(budget)
     wanted, n_mmlu = parse(baselines), mmlu_mod.parse_count(mmlu)
+    claim(out, "demo", overwrite)
+    if read_manifest(out) is None:
+        mark(out, "demo", ["stats.safetensors", "carved", "model", "report.json", "report.md", "report.png",
+                           "report_routing.png", "report_recovery.png"])
     t0 = time.time()
     backbone.env_threads()
     c = Corpus("embedded")
@@ -359,7 +372,7 @@ def demo(
     typer.echo(f"[{time.time() - t0:5.0f}s] loaded {model}")
     st = run_calibrate(dense, tok, c, c.domains, samples, seq_len, out / "stats.safetensors")
     typer.echo(f"[{time.time() - t0:5.0f}s] calibrated {len(st.domains)} domains")
-    moe = carve_and_save(dense, tok, model, st, keep, out / "carved")
+    moe = carve_and_save(dense, tok, model, st, keep, out / "carved", overwrite=overwrite)
     typer.echo(f"[{time.time() - t0:5.0f}s] carved")
     run_train(moe, dense, tok, c, c.domains, cfg, out / "model")
     typer.echo(f"[{time.time() - t0:5.0f}s] trained ({budget} budget)")
@@ -459,14 +472,32 @@ def dense_on_engine(dense, moe):
 
 
 def main() -> None:
+    try:  # typer vendors click since 0.25; the exceptions are click's either way
+        from typer._click import exceptions as cx
+    except ImportError:  # pragma: no cover - older typer on plain click
+        from click import exceptions as cx
+
     try:
-        app()
+        code = app(standalone_mode=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except cx.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except cx.UsageError as e:  # a bad flag or value: one line, like every other user error
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except cx.Abort:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except PermissionError as e:
+        print(f"error: cannot write {e.filename}: permission denied; choose another --out", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,12 @@ class Corpus:
                 raise UserError(f"corpus '{spec}' not found: give 'embedded' or a directory with one sub-directory or file per domain")
             if not root.is_dir():
                 raise UserError(f"corpus '{spec}' is not a directory")
-            entries = sorted(q for q in root.iterdir() if not q.name.startswith(".") and (q.is_dir() or q.suffix in TEXT_SUFFIXES))
+            visible = sorted(q for q in root.iterdir() if not q.name.startswith("."))
+            odd = [q.name for q in visible if q.is_file() and q.suffix not in TEXT_SUFFIXES]
+            if odd:
+                raise UserError(f"corpus file '{root / odd[0]}' has an unknown format; use {'/'.join(sorted(TEXT_SUFFIXES))} "
+                                f"(or move it out of the corpus directory)")
+            entries = [q for q in visible if q.is_dir() or q.suffix in TEXT_SUFFIXES]
             if not entries:
                 raise UserError(f"corpus '{spec}' is empty: add one sub-directory or .txt/.md/.py/.jsonl file per domain")
             self._sources = {(q.stem if q.is_file() else q.name): functools.partial(_user_domain, q) for q in entries}
