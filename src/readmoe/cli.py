@@ -461,6 +461,72 @@ def bench_serve(
     typer.echo(f"wrote {out}/report.json, report.md, access/*.jsonl and plots")
 
 
+@app.command()
+def serve(
+    model: Path = typer.Option(Path("runs/demo/model"), help="readmoe checkpoint directory (default: the demo's)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="TCP port"),
+    served_model_name: Optional[str] = typer.Option(None, help="the model name clients send (default: the directory's name)"),
+    api_key: Optional[str] = typer.Option(None, envvar="READMOE_API_KEY", help="require 'Authorization: Bearer KEY'"),
+    max_queued: int = typer.Option(64, help="requests waiting for a KV cache before new ones get 503"),
+    drain_timeout: float = typer.Option(30.0, help="on SIGTERM, seconds running requests get to finish"),
+    dense: bool = typer.Option(False, help="serve the checkpoint's dense parent on the same engine instead (to compare)"),
+    scheduler: str = typer.Option("expert-aware", help="decode-first, prefill-first or expert-aware"),
+    capacity: Optional[int] = typer.Option(None, help="resident routed experts per layer (default: all)"),
+    policy: str = typer.Option("belady", help="expert cache policy: lru, lfu, random, belady"),
+    prefetch: bool = typer.Option(True, help="load the next layers' experts while a layer computes"),
+    token_budget: int = typer.Option(16, help="tokens per engine step"),
+    max_running: int = typer.Option(16, help="requests holding a KV cache at once"),
+    max_wait: int = typer.Option(8, help="aging bound: steps a queued token may wait"),
+    store: str = typer.Option("disk", help="expert store: disk (safetensors reads) or host (memory)"),
+    link_gbps: Optional[float] = typer.Option(None, help="emulate a host->accelerator link of this many GB/s"),
+):
+    """Serve the MoE over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (SSE streaming),
+    /v1/models, /health, /metrics (Prometheus), /tokenize, /detokenize."""
+    from . import backbone
+    from .server import build_app, serve as run_server
+    from .serving import Engine, EngineConfig
+    from .serving.engine_thread import EngineThread
+    from .serving.expert_cache import POLICIES
+    from .serving.step_runner import check_supported
+
+    if not (model / "config.json").is_file() and model == Path("runs/demo/model"):
+        raise UserError("no model at runs/demo/model: run `make demo` first, or pass --model DIR")
+    if not 0 <= port <= 65535:
+        raise UserError("--port must lie in [0, 65535]")
+    if max_queued < 1 or token_budget < 1 or max_running < 1 or max_wait < 1:
+        raise UserError("--max-queued, --token-budget, --max-running and --max-wait must be >= 1")
+    if drain_timeout < 0:
+        raise UserError("--drain-timeout must be >= 0")
+    if policy not in POLICIES:
+        raise UserError(f"unknown --policy '{policy}': use one of {', '.join(POLICIES)}")
+    if store not in ("disk", "host"):
+        raise UserError(f"unknown --store '{store}': use disk or host")
+    if link_gbps is not None and link_gbps <= 0:
+        raise UserError("--link-gbps must be > 0")
+    cfg = EngineConfig(scheduler=scheduler, token_budget=token_budget, max_running=max_running, max_wait=max_wait,
+                       capacity=capacity, policy=policy, prefetch=prefetch, store=store, link_gbps=link_gbps)
+    backbone.env_threads()
+    if dense:
+        from .modeling import load_readme
+        from .serving.engine import eos_ids
+
+        moe, tok = load_readme(str(model))
+        d, _ = backbone.load_dense(moe.config.parent_model)
+        dm = dense_on_engine(d, moe)
+        del d
+        check_supported(dm)
+        engine = Engine(dm, cfg, eos_token_id=eos_ids(moe, tok), tokenizer=tok)
+    else:
+        engine = Engine.from_pretrained(model, cfg)
+        check_supported(engine.moe)
+    name = served_model_name or (f"{model.resolve().name}-dense" if dense else model.resolve().name)
+    app_ = build_app(EngineThread(engine, max_queued=max_queued), name, api_key)
+    typer.echo(f"serving {model} as '{name}' on http://{host}:{port}/v1 (metrics at /metrics); Ctrl-C or SIGTERM drains")
+    run_server(app_, host, port, drain_timeout)
+    typer.echo("drained; bye")
+
+
 def dense_on_engine(dense, moe):
     """The dense parent as a one-path model (every neuron in the shared expert), to serve it on the same engine."""
     import torch
@@ -488,7 +554,7 @@ def main() -> None:
     except cx.UsageError as e:  # a bad flag or value: one line, like every other user error
         print(f"error: {e.format_message()}", file=sys.stderr)
         sys.exit(2)
-    except cx.Abort:
+    except typer.Abort:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except PermissionError as e:

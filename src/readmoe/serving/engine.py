@@ -19,9 +19,9 @@ import torch
 
 from ..errors import UserError
 from .expert_cache import ExpertCache, ExpertStore
-from .request import Request, SamplingParams
+from .request import Logprob, Request, RequestStatus, SamplingParams
+from .scheduler import SchedulerOutput, age, lookahead, make_scheduler
 from .step_runner import Segment, StepRunner, first_use_order
-from .scheduler import lookahead, make_scheduler
 
 
 @dataclass
@@ -40,6 +40,9 @@ class EngineConfig:
     link_gbps: float | None = None  # emulate a host->accelerator link of this bandwidth for expert loads
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing by a denormal overflows the logits)
+
+
 @dataclass
 class StepStats:
     step: int
@@ -56,7 +59,29 @@ class EngineStats:
     busy_s: float = 0.0
 
 
+@dataclass
+class Completion:
+    """A finished request, as `Engine.generate` returns it."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str | None  # None without a tokenizer
+    finish_reason: str
+    experts: list[int]  # the pre-gated expert of every generated token
+
+
+def eos_ids(moe, tokenizer) -> set[int]:
+    """Every id that ends generation: the tokenizer's EOS and the generation config's (chat models add <|im_end|>)."""
+    ids: set[int] = set()
+    for v in (getattr(tokenizer, "eos_token_id", None), getattr(moe.generation_config, "eos_token_id", None)):
+        ids.update([v] if isinstance(v, int) else (v or []))
+    return ids
+
+
 class Engine:
+    """One engine per process: `step()` schedules, executes and updates; `run()` serves a workload on a virtual
+    clock (benchmarks), `EngineThread` drives it on the wall clock (the server)."""
+
     def __init__(self, moe, config: EngineConfig | None = None, checkpoint: str | Path | None = None, eos_token_id=None,
                  tokenizer=None):
         self.cfg = cfg = config or EngineConfig()
@@ -76,8 +101,11 @@ class Engine:
         if self.cache.pool is not None:
             depth = cfg.prefetch_depth
             self.runner.on_layer = lambda l, order: self.cache.prefetch(l + depth, order)
-        self.eos = eos_token_id
+        if eos_token_id is None and tokenizer is not None:
+            eos_token_id = eos_ids(moe, tokenizer)
+        self.eos: set[int] = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         self.max_len = self.runner.max_len
+        self.vocab_size = moe.config.text_config.vocab_size
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.done: list[Request] = []
@@ -88,9 +116,24 @@ class Engine:
         self._next_id = 0
         self.access_log: list[list[int]] = []  # per step: the routed experts in the order layers use them
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None,
+                        dtype: torch.dtype = torch.float32) -> "Engine":
+        """Model, tokenizer, EOS ids and the expert store, all from one checkpoint directory."""
+        from ..modeling import load_readme
+
+        moe, tok = load_readme(str(path), dtype)
+        return cls(moe, config, checkpoint=path, tokenizer=tok)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ requests
-    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None, arrival_s: float | None = None) -> Request:
-        params = params or SamplingParams()
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise a UserError for a request this engine cannot serve. Reads only fixed state: safe from any thread."""
         if not prompt_ids:
             raise UserError("empty prompt: give at least one token")
         if self.max_len and len(prompt_ids) >= self.max_len:
@@ -98,14 +141,19 @@ class Engine:
                             f"{self.max_len} tokens; shorten it")
         if params.max_tokens < 1:
             raise UserError("max_tokens must be >= 1")
-        if params.temperature < 0 or not 0 < params.top_p <= 1:
-            raise UserError("temperature must be >= 0 and top_p in (0, 1]")
-        vocab = self.moe.config.text_config.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise UserError(f"prompt token ids must lie in [0, {vocab})")
+        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
+            raise UserError("temperature must be >= 0, top_p in (0, 1] and top_k >= 0")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise UserError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if params.stop and self.tok is None:
+            raise UserError("stop strings need the engine's tokenizer: use Engine.from_pretrained or pass tokenizer=")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None, arrival_s: float | None = None) -> Request:
+        params = params or SamplingParams()
+        self.validate(prompt_ids, params)
         r = Request(self._next_id, list(prompt_ids), params, self.now if arrival_s is None else arrival_s)
         self._next_id += 1
-        if params.temperature > 0:
+        if params.temperature >= GREEDY_BELOW:
             r.generator = torch.Generator().manual_seed(params.seed)
         t = time.perf_counter()
         with torch.no_grad():  # pre-gate the whole prompt on arrival
@@ -121,38 +169,74 @@ class Engine:
             for r in q:
                 if r.rid == rid:
                     q.remove(r)
-                    self._finish(r, "cancelled")
+                    self._finish(r, RequestStatus.FINISHED_ABORTED)
                     return True
         return False
 
     def kv_bytes(self) -> int:
-        return sum(r.kv.nbytes for r in self.running if r.kv is not None)
+        return sum(r.kv.nbytes for r in list(self.running) if r.kv is not None)
 
-    # ------------------------------------------------------------------ the loop
+    def queued_tokens_per_expert(self) -> list[int]:
+        """Pre-gated tokens waiting to run, per routed expert."""
+        counts = [0] * self.moe.num_experts
+        for q in (self.waiting, self.running):
+            for r in q:
+                for e in r.pending_experts:
+                    counts[e] += 1
+        return counts
+
+    def text(self, r: Request) -> str:
+        """The generated text, cut before the first stop string (which OpenAI's API leaves out)."""
+        text = self.tok.decode(r.output_ids, skip_special_tokens=True)
+        cuts = [i for i in (text.find(s) for s in r.params.stop) if i >= 0]
+        return text[:min(cuts)] if cuts else text
+
+    # ------------------------------------------------------------------ the loop: schedule -> execute -> update
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def step(self) -> list[Request]:
-        """Admit, schedule, run one batch, sample; returns the requests that finished in this step."""
-        finished_before = len(self.done)
+        """One engine step; returns the requests that finished in it."""
+        out = self.schedule()
+        if not out.chunks:
+            return []
+        t0 = time.perf_counter()
+        left_before = sum(len(r.pending) for r in self.running) + sum(len(r.pending) for r in self.waiting)
+        segs, logits = self.execute(out)
+        finished = self.update_from_output(out, segs, logits)
+        dt = time.perf_counter() - t0
+        self.now += dt
+        for r in self.running:
+            if r.output_ids and r.first_token_s is None:
+                r.first_token_s = self.now
+        for r in finished:
+            if r.first_token_s is None and r.output_ids:
+                r.first_token_s = self.now
+            r.finish_s = self.now
+        self.stats.busy_s += dt
+        self.stats.steps.append(StepStats(self.step_no, out.num_tokens, self.access_log[-1], dt,
+                                          left_before - out.num_tokens))
+        self.step_no += 1
+        return finished
+
+    def schedule(self) -> SchedulerOutput:
+        """Admit waiting requests (a KV cache each) and pick this step's token chunks."""
+        admitted = []
         while self.waiting and len(self.running) < self.cfg.max_running:
             r = self.waiting.pop(0)
-            r.kv = self.runner.new_kv()
+            r.kv, r.status = self.runner.new_kv(), RequestStatus.RUNNING
             self.running.append(r)
-        chunks = self.sched.schedule(self.running)
-        if not chunks:
-            return []
-        left_before = sum(len(r.pending) for r in self.running) + sum(len(r.pending) for r in self.waiting)
-        t0 = time.perf_counter()
-        segs, reqs = [], []
-        for c in chunks:
+            admitted.append(r)
+        return SchedulerOutput(self.sched.schedule(self.running), admitted)
+
+    def execute(self, out: SchedulerOutput) -> tuple[list[Segment], torch.Tensor]:
+        """Run the scheduled chunks through the backbone (experts made resident on the way); last-token logits."""
+        segs = []
+        for c in out.chunks:
+            prompt_lp = c.req.params.prompt_logprobs is not None and c.req.in_prefill
             toks, exps = c.req.take(c.n)
-            segs.append(Segment(c.req.kv, toks, exps))
-            reqs.append(c.req)
-        ran = {r.rid for r in reqs}
-        for r in self.running:
-            r.waited = 0 if r.rid in ran else (r.waited + 1 if r.pending else 0)
-        n_tokens = sum(len(s.tokens) for s in segs)
+            segs.append(Segment(c.req.kv, toks, exps, all_logits=prompt_lp))
+        age(self.running, {c.req.rid for c in out.chunks})
         order = first_use_order(segs)
         self.access_log.append(order)
         if self.cache.policy == "belady" and self.cfg.capacity is not None:
@@ -161,27 +245,20 @@ class Engine:
         self.cache.ahead = self._ahead
         for l in range(self.cfg.prefetch_depth + 1):  # a no-op without a prefetcher
             self.cache.prefetch(l, order)
-        logits = self.runner.step(segs)
-        firsts = []
-        for i, (r, seg) in enumerate(zip(reqs, segs)):
+        return segs, self.runner.step(segs)
+
+    def update_from_output(self, out: SchedulerOutput, segs: list[Segment], logits: torch.Tensor) -> list[Request]:
+        """Record prompt logprobs, sample a token for every request whose prompt is done, stop, free."""
+        finished_before = len(self.done)
+        for i, (c, seg) in enumerate(zip(out.chunks, segs)):
+            r = c.req
+            if seg.logits is not None:
+                self._record_prompt_logprobs(r, seg.logits)
             r.processed += len(seg.tokens)
             if r.pending:  # more prompt to go
                 continue
-            if not r.output_ids:
-                firsts.append(r)
-            self._emit(r, self._sample(r, logits[i]))
-        dt = time.perf_counter() - t0
-        self.now += dt
-        for r in firsts:
-            r.first_token_s = self.now
-        self.stats.busy_s += dt
-        self.stats.steps.append(StepStats(self.step_no, n_tokens, order, dt, left_before - n_tokens))
-        for r in [r for r in self.running if r.finished]:
-            self.running.remove(r)
-        self.step_no += 1
-        for r in self.done[finished_before:]:
-            if r.finish_s is None:
-                r.finish_s = self.now
+            self._emit(r, self._sample(r, logits[i]), logits[i])
+        self.running = [r for r in self.running if not r.finished]
         return self.done[finished_before:]
 
     def _expert(self, layer: int, expert: int, rest: list[int]):
@@ -194,40 +271,75 @@ class Engine:
 
     def _sample(self, r: Request, logits: torch.Tensor) -> int:
         p = r.params
-        if p.temperature == 0:
+        if p.temperature < GREEDY_BELOW:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float() / p.temperature, -1)
+        logits = logits.float() / p.temperature
+        if p.top_k and p.top_k < logits.numel():
+            kth = logits.topk(p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, -1)
         if p.top_p < 1:
             sp, si = probs.sort(descending=True)
             cut = (sp.cumsum(0) - sp) >= p.top_p  # keep the smallest prefix with mass >= top_p
+            cut[0] = False  # and always the most likely token (a top_p below float32's resolution cuts everything)
             sp[cut] = 0
             probs = torch.zeros_like(probs).scatter_(0, si, sp)
         return int(torch.multinomial(probs / probs.sum(), 1, generator=r.generator))
 
-    def _emit(self, r: Request, token: int) -> None:
+    @staticmethod
+    def _logprob(logprobs: torch.Tensor, token: int, k: int) -> Logprob:
+        top = {}
+        if k:
+            v, i = logprobs.topk(k)
+            top = dict(zip(i.tolist(), v.tolist()))
+        return Logprob(token, float(logprobs[token]), top)
+
+    def _record_prompt_logprobs(self, r: Request, logits: torch.Tensor) -> None:
+        """Row j of a prompt chunk's logits predicts prompt token processed + j + 1."""
+        k, p0 = r.params.prompt_logprobs, r.processed
+        if p0 == 0:
+            r.prompt_logprobs.append(None)  # the first token has no context
+        lps = torch.log_softmax(logits.float(), -1)
+        for j in range(logits.shape[0]):
+            pos = p0 + j + 1
+            if pos < len(r.prompt_ids):
+                r.prompt_logprobs.append(self._logprob(lps[j], r.prompt_ids[pos], k))
+
+    def _emit(self, r: Request, token: int, logits: torch.Tensor) -> None:
         r.output_ids.append(token)
         p = r.params
-        stops = set(p.stop_token_ids) | ({self.eos} if self.eos is not None else set())
-        if token in stops:
-            return self._finish(r, "stop")
+        if p.logprobs is not None:
+            r.output_logprobs.append(self._logprob(torch.log_softmax(logits.float(), -1), token, p.logprobs))
+        t = time.perf_counter()
+        with torch.no_grad():  # pre-gate the new token at once
+            rl, r.router_cache = self.moe.router(torch.tensor([[token]]), None, r.router_cache)
+        self._router_time(time.perf_counter() - t)
+        r.output_experts.append(int(rl[0, -1].argmax()))
+        if token in p.stop_token_ids or (token in self.eos and not p.ignore_eos):
+            return self._finish(r, RequestStatus.FINISHED_STOPPED)
         if p.stop and self.tok is not None:
             text = self.tok.decode(r.output_ids, skip_special_tokens=True)
             if any(s in text for s in p.stop):
-                return self._finish(r, "stop")
+                return self._finish(r, RequestStatus.FINISHED_STOPPED)
         if len(r.output_ids) >= p.max_tokens or (self.max_len and r.processed + 1 >= self.max_len):
-            return self._finish(r, "length")
-        t = time.perf_counter()
-        with torch.no_grad():  # pre-gate the new token at once
-            logits, r.router_cache = self.moe.router(torch.tensor([[token]]), None, r.router_cache)
-        self._router_time(time.perf_counter() - t)
+            return self._finish(r, RequestStatus.FINISHED_LENGTH)
         r.pending.append(token)
-        r.pending_experts.append(int(logits[0, -1].argmax()))
+        r.pending_experts.append(r.output_experts[-1])
 
-    def _finish(self, r: Request, reason: str) -> None:
-        r.finish_reason = reason
+    def _finish(self, r: Request, status: RequestStatus) -> None:
+        r.status = status
         r.kv = None  # frees the KV cache
         r.router_cache = None
         self.done.append(r)
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
+        """Offline batch generation (like vLLM's `LLM.generate`): every prompt served together, results in order."""
+        ids = [self.tok(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+        reqs = [self.submit(x, params) for x in ids]
+        while self.has_work():
+            self.step()
+        return [Completion(r.prompt_ids, r.output_ids, self.text(r) if self.tok is not None else None, r.finish_reason,
+                           r.output_experts) for r in reqs]
 
     # ------------------------------------------------------------------ whole runs
     def run(self, arrivals: list[tuple[float, list[int], SamplingParams]]) -> list[Request]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import torch
@@ -12,9 +13,36 @@ class SamplingParams:
     max_tokens: int = 32
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
     stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()  # stop strings, checked on the decoded output
+    stop: tuple[str, ...] = ()  # stop strings, checked on the decoded output (needs the engine's tokenizer)
+    ignore_eos: bool = False
     seed: int = 0
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token (the first has none)
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is in its life; the finished states carry the OpenAI finish reason."""
+
+    WAITING = "waiting"  # queued, no KV cache yet
+    RUNNING = "running"  # holds a KV cache, tokens being scheduled
+    FINISHED_STOPPED = "stop"  # EOS, a stop token or a stop string
+    FINISHED_LENGTH = "length"  # max_tokens or the context window
+    FINISHED_ABORTED = "cancelled"  # cancelled by the caller (a disconnected client)
+
+    @property
+    def finished(self) -> bool:
+        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+
+
+@dataclass
+class Logprob:
+    """A token's log-probability and the `top` most likely tokens at its position (token id -> logprob)."""
+
+    token: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -25,16 +53,19 @@ class Request:
     arrival_s: float = 0.0
 
     # set by the engine
+    status: RequestStatus = RequestStatus.WAITING
     pending: list[int] = field(default_factory=list)  # tokens whose KV is not computed yet, in order
     pending_experts: list[int] = field(default_factory=list)  # their pre-gated experts
     output_ids: list[int] = field(default_factory=list)
+    output_experts: list[int] = field(default_factory=list)  # the pre-gated expert of every generated token
+    output_logprobs: list[Logprob] = field(default_factory=list)  # with params.logprobs
+    prompt_logprobs: list[Logprob | None] = field(default_factory=list)  # with params.prompt_logprobs
     processed: int = 0  # tokens already in the KV cache
     waited: int = 0  # steps the head token has been schedulable but not scheduled
     router_cache: object = None
     kv: object = None
     first_token_s: float | None = None
     finish_s: float | None = None
-    finish_reason: str | None = None  # "stop", "length", "cancelled"
     generator: torch.Generator | None = None
 
     @property
@@ -43,7 +74,12 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.status.finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        """'stop', 'length' or 'cancelled' once finished."""
+        return self.status.value if self.finished else None
 
     def take(self, n: int) -> tuple[list[int], list[int]]:
         """Pop the next n pending tokens and their experts."""

@@ -17,7 +17,7 @@ steps is served first, so no token waits longer than that (given at most
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 
@@ -35,6 +35,24 @@ class Queued(Protocol):
 class Chunk:
     req: object
     n: int
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """What one engine step runs: the chunks, and the requests admitted (given a KV cache) for it."""
+
+    chunks: list[Chunk]
+    admitted: list = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.n for c in self.chunks)
+
+
+def age(reqs: Sequence[Queued], ran: set[int]) -> None:
+    """The aging rule: a request with queued tokens that did not run waits one step longer."""
+    for r in reqs:
+        r.waited = 0 if r.rid in ran or not r.pending_experts else r.waited + 1
 
 
 def head_run(experts: Sequence[int]) -> int:
@@ -176,7 +194,6 @@ def lookahead(sched: Scheduler, reqs: Sequence, steps: int) -> list[set[int]]:
             if not s.pending_experts and s.prompt_left == 0 and s.decode_left > 1:
                 s.decode_left -= 1
                 s.pending_experts.append(last[s.rid])
-        for s in sims:
-            s.waited = 0 if s.rid in ran or not s.pending_experts else s.waited + 1
+        age(sims, ran)
         out.append(used)
     return out

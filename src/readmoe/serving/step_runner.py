@@ -51,6 +51,8 @@ class Segment:
     kv: SeqKV
     tokens: list[int]
     experts: list[int]
+    all_logits: bool = False  # also compute the logits of every token, not only the last (prompt logprobs)
+    logits: torch.Tensor | None = None  # [tokens, vocab], set by the step when all_logits
 
 
 def first_use_order(segs: list[Segment]) -> list[int]:
@@ -155,5 +157,9 @@ class StepRunner:
             h = h + self._mlp(l, x, eids, order)[None]
         for s, n in zip(segs, lens):
             s.kv.len += n
-        last = torch.tensor(lens, device=self.device).cumsum(0) - 1
-        return self.moe.backbone.lm_head(self.m.norm(h[0, last]))
+        ends = torch.tensor(lens, device=self.device).cumsum(0)
+        head = lambda rows: self.moe.backbone.lm_head(self.m.norm(rows))  # noqa: E731
+        for s, end, n in zip(segs, ends.tolist(), lens):
+            if s.all_logits:
+                s.logits = head(h[0, end - n:end])
+        return head(h[0, ends - 1])

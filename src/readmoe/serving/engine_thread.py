@@ -1,0 +1,196 @@
+"""The engine on the wall clock, driven by one thread (the server's engine loop).
+
+The engine is not thread-safe and does not need to be: only this thread touches it.
+Callers (the asyncio side of the server) hand requests and cancellations over
+through a lock-protected inbox and get events back through a `sink` callable,
+called in the engine thread once per step for every request that produced a token
+or finished, so each token reaches its stream as soon as it is sampled. With no
+work the thread sleeps on a condition variable instead of spinning.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import UserError
+from .engine import Engine
+from .request import Logprob, Request, SamplingParams
+
+
+log = logging.getLogger("readmoe.serving")
+
+
+class QueueFull(Exception):
+    """The engine's queue holds `max_queued` requests already: try again later (HTTP 503)."""
+
+
+@dataclass
+class RequestOutput:
+    """What one step did for one request: its new tokens (with logprobs if asked), and whether it finished."""
+
+    request: Request | None  # None when the request never reached the engine (cancelled in the inbox)
+    new_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[Logprob] = field(default_factory=list)
+    new_experts: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None  # the engine failed: the request ends with this message
+
+
+Sink = Callable[[RequestOutput], None]
+
+
+class Handle:
+    """A caller's reference to a submitted request; pass it to `cancel`."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, sink: Sink):
+        self.prompt_ids, self.params, self.sink = prompt_ids, params, sink
+        self.req: Request | None = None
+        self.sent = 0  # tokens already delivered to the sink
+        self.cancelled = False
+
+
+class EngineThread:
+    def __init__(self, engine: Engine, max_queued: int | None = None,
+                 on_step: Callable[[Engine], None] | None = None, on_finish: Callable[[Request], None] | None = None):
+        self.engine, self.max_queued, self.on_step, self.on_finish = engine, max_queued, on_step, on_finish
+        self._cond = threading.Condition()
+        self._inbox: list[Handle] = []
+        self._cancels: list[Handle] = []
+        self._live: dict[int, Handle] = {}  # engine rid -> handle
+        self._stop = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="readmoe-engine", daemon=True)
+
+    # ------------------------------------------------------------ caller side (any thread)
+    def start(self) -> "EngineThread":
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def num_waiting(self) -> int:
+        """Requests not yet holding a KV cache (read without the engine's cooperation: approximate by a step)."""
+        return len(self._inbox) + len(self.engine.waiting)
+
+    def num_running(self) -> int:
+        return len(self.engine.running)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> Handle:
+        """Validate (a UserError names the problem), then queue; QueueFull when `max_queued` are waiting."""
+        if not self.alive:
+            raise RuntimeError("the engine thread is not running")
+        self.engine.validate(prompt_ids, params)
+        h = Handle(list(prompt_ids), params, sink)
+        with self._cond:
+            if self.max_queued is not None and self.num_waiting() >= self.max_queued:
+                raise QueueFull(f"{self.num_waiting()} requests are queued already (--max-queued {self.max_queued})")
+            self._inbox.append(h)
+            self._cond.notify()
+        return h
+
+    def cancel(self, h: Handle) -> None:
+        """Stop the request and free its KV cache within one engine step; a no-op once it finished."""
+        with self._cond:
+            h.cancelled = True
+            self._cancels.append(h)
+            self._cond.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the loop; requests still in flight end as cancelled."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is queued or running (used by tests and graceful shutdown)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if not self._inbox and not self._live and not self.engine.has_work():
+                return True
+            time.sleep(0.01)
+        return False
+
+    # ------------------------------------------------------------ the engine thread
+    def _loop(self) -> None:
+        eng = self.engine
+        try:
+            while True:
+                with self._cond:
+                    while not (self._inbox or self._cancels or self._stop or eng.has_work()):
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                    new, self._inbox = self._inbox, []
+                    cancels, self._cancels = self._cancels, []
+                eng.now = time.monotonic()
+                for h in new:
+                    if h.cancelled:
+                        h.sink(RequestOutput(None, finished=True, finish_reason="cancelled"))
+                        continue
+                    try:
+                        h.req = eng.submit(h.prompt_ids, h.params, arrival_s=eng.now)
+                    except UserError as e:  # validated on submit already; kept for safety
+                        h.sink(RequestOutput(None, finished=True, error=str(e)))
+                        continue
+                    self._live[h.req.rid] = h
+                for h in cancels:
+                    if h.req is not None and not h.req.finished:
+                        eng.cancel(h.req.rid)
+                if eng.has_work():
+                    eng.now = time.monotonic()
+                    try:
+                        eng.step()
+                    except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
+                        log.exception("engine step failed")
+                        self._fail_running(f"the engine step failed: {type(e).__name__}: {e}")
+                    if self.on_step is not None:
+                        self.on_step(eng)
+                self._deliver()
+                # a server runs for days: keep only the last step of the benchmark's history
+                eng.done.clear()
+                del eng.access_log[:-1], eng.stats.steps[:-1]
+        except BaseException as e:  # noqa: BLE001 - a dead engine must fail its requests, not hang them
+            self.error = e
+            for h in list(self._live.values()) + self._inbox:
+                h.sink(RequestOutput(h.req, finished=True, error=f"the engine failed: {type(e).__name__}: {e}"))
+            self._live.clear()
+            return
+        for h in list(self._live.values()):  # stopped: everything still in flight is cancelled
+            if h.req is not None and not h.req.finished:
+                eng.cancel(h.req.rid)
+        self._deliver()
+        for h in self._inbox:
+            h.sink(RequestOutput(None, finished=True, finish_reason="cancelled"))
+
+    def _fail_running(self, message: str) -> None:
+        """End every running request with an error: a failed step may have left their KV caches half-written."""
+        for r in list(self.engine.running):
+            self.engine.cancel(r.rid)
+            h = self._live.pop(r.rid, None)
+            if h is not None:
+                h.sink(RequestOutput(r, r.output_ids[h.sent:], finished=True, finish_reason="error", error=message))
+            if self.on_finish is not None:
+                self.on_finish(r)
+
+    def _deliver(self) -> None:
+        for rid, h in list(self._live.items()):
+            r = h.req
+            n = len(r.output_ids)
+            if n == h.sent and not r.finished:
+                continue
+            h.sink(RequestOutput(r, r.output_ids[h.sent:n], r.output_logprobs[h.sent:n], r.output_experts[h.sent:n],
+                                 r.finished, r.finish_reason))
+            h.sent = n
+            if r.finished:
+                del self._live[rid]
+                if self.on_finish is not None:
+                    self.on_finish(r)
