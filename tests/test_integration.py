@@ -100,3 +100,34 @@ def test_real_engine_matches_generate_and_scores_mmlu(pipeline):
     eng.close()
     res = mmlu.score(moe, tok, mmlu.load(assets.mmlu_jsonl(), 8))
     assert res["n"] == 8 and 0 <= res["accuracy"] <= 1
+
+
+def test_real_model_over_http(pipeline):
+    """`readmoe serve`'s app on the real carved model, at capacity 1 (experts load from disk): the openai client's
+    greedy text equals generate(), streaming equals non-streaming, and chat goes through the model's template."""
+    import openai
+
+    from readmoe.server import build_app
+    from readmoe.serving import Engine, EngineConfig
+    from readmoe.serving.engine_thread import EngineThread
+
+    from conftest import LiveServer
+
+    _, model, _ = pipeline
+    eng = Engine.from_pretrained(model, EngineConfig(capacity=1))
+    with LiveServer(build_app(EngineThread(eng), "real")) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=300)
+        prompt = "The capital of France is"
+        r = client.completions.create(model="real", prompt=prompt, max_tokens=12, temperature=0)
+        moe, tok = load_readme(str(model))
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = moe.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                               eos_token_id=sorted(eng.eos), pad_token_id=tok.eos_token_id)
+        assert r.choices[0].text == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+        assert r.usage.prompt_tokens == ids.shape[1]
+        streamed = client.completions.create(model="real", prompt=prompt, max_tokens=12, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+        chat = client.chat.completions.create(model="real", messages=[{"role": "user", "content": "Say hello."}],
+                                              max_tokens=8, temperature=0)
+        assert chat.choices[0].message.content and chat.usage.prompt_tokens > 5

@@ -65,7 +65,48 @@ def test_expert_aware_batches_fewer_experts():
     for name in SCHEDULERS:
         chunks = make_scheduler(name, 6, 8).schedule(queues())
         counts[name] = len({c.req.pending_experts[0] for c in chunks})
-    assert counts["expert-aware"] == 1 and counts["decode-first"] == 2 and counts["prefill-first"] == 2
+    assert counts["expert-aware-strict"] == 1 and counts["decode-first"] == 2 and counts["prefill-first"] == 2
+    assert counts["expert-aware"] == 2, "resident, cheap experts: the cost-aware default batches like decode-first"
+
+
+def _plan(sched, reqs):
+    return [(c.req.rid, c.n) for c in sched.schedule(reqs)]
+
+
+def test_cost_aware_groups_only_when_experts_are_costly():
+    from readmoe.serving.cost_model import StepCostModel
+
+    def queues():  # decode tokens of four experts, and a prompt whose experts alternate
+        return [Q(i, [i % 4], prefill=False) for i in range(8)] + [Q(8, [0, 1, 0, 2, 3, 1], prefill=True)]
+
+    cheap = StepCostModel(fixed=0.05, per_token=0.001, per_expert=0.001)
+    assert _plan(make_scheduler("expert-aware", 16, 8, cheap), queues()) == \
+        _plan(make_scheduler("decode-first", 16, 8), queues()), "work-conserving: the whole prompt runs at once"
+    strict = _plan(make_scheduler("expert-aware-strict", 16, 8), queues())
+    assert (8, 1) in strict, "Algorithm 1 advances a prompt by one same-expert run"
+
+    costly = StepCostModel(fixed=0.05, per_token=0.001, per_expert=0.001)
+    costly.load_s = lambda e: 0.0 if e == 0 else 0.5  # expert 0 resident, the others behind a slow link
+    plan = make_scheduler("expert-aware", 16, 8, costly).schedule(queues())
+    used = {e for c in plan for e in c.req.pending_experts[:c.n]}
+    assert used == {0} and sum(c.n for c in plan) == 3, "only the resident expert's tokens: 2 decodes + 1 prompt token"
+
+    stuck = StepCostModel(fixed=0.05, per_token=0.001, per_expert=0.001)
+    stuck.load_s = lambda e: 0.5  # nothing resident: still runs the longest queue rather than nothing
+    assert make_scheduler("expert-aware", 16, 8, stuck).schedule(queues())
+
+
+def test_cost_model_fits_its_coefficients():
+    from readmoe.serving.cost_model import StepCostModel
+
+    rng = random.Random(0)
+    m = StepCostModel(refit_every=1)
+    for _ in range(64):
+        t, e = rng.randint(1, 16), rng.randint(1, 5)
+        m.observe(t, e, 0.04 + 0.003 * t + 0.01 * e + rng.uniform(-1e-4, 1e-4))
+    assert m.fitted
+    assert m.fixed == pytest.approx(0.04, abs=2e-3) and m.per_token == pytest.approx(0.003, abs=2e-4)
+    assert m.per_expert == pytest.approx(0.01, abs=5e-4)
 
 
 SEQ = [[0], [1], [2], [0], [1], [3], [0], [1]]
@@ -103,7 +144,7 @@ def test_lookahead_predicts_the_next_batches():
             self.params = SamplingParams(max_tokens=out_left)
             self.finished = False
 
-    sched = make_scheduler("expert-aware", 4, 8)
+    sched = make_scheduler("expert-aware-strict", 4, 8)
     ahead = lookahead(sched, [R(0, [1, 1, 2], 3, 2), R(1, [3, 3, 3, 3, 3], 5, 1)], 4)
     assert ahead[0] == {3} and ahead[1] == {3, 1}
 
@@ -221,7 +262,8 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
     data = json.loads((out / "report.json").read_text())
     keys = {"scheduler", "policy", "capacity", "prefetch", "mean_norm_latency_s", "p95_norm_latency_s",
             "p99_norm_latency_s", "unique_experts_per_batch", "hit_ratio", "optimal_hit_ratio", "tokens_per_s", "access_file"}
-    assert len(data["runs"]) == 3 + 3 * 2 + 1 and all(keys <= set(r) for r in data["runs"])
+    n = len(SCHEDULERS)  # each resident, each at capacity 2 with lru and belady, and expert-aware on demand
+    assert len(data["runs"]) == n + n * 2 + 1 and all(keys <= set(r) for r in data["runs"])
     for r in data["runs"]:
         assert r["requests"] == 5 and r["hit_ratio"] <= r["optimal_hit_ratio"] + 1e-9
         lines = [json.loads(ln) for ln in (out / r["access_file"]).read_text().splitlines()]

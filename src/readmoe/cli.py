@@ -471,11 +471,13 @@ def serve(
     max_queued: int = typer.Option(64, help="requests waiting for a KV cache before new ones get 503"),
     drain_timeout: float = typer.Option(30.0, help="on SIGTERM, seconds running requests get to finish"),
     dense: bool = typer.Option(False, help="serve the checkpoint's dense parent on the same engine instead (to compare)"),
-    scheduler: str = typer.Option("expert-aware", help="decode-first, prefill-first or expert-aware"),
+    scheduler: str = typer.Option("expert-aware", help="expert-aware (cost-aware), expert-aware-strict (the paper's "
+                                                     "Algorithm 1), decode-first or prefill-first"),
     capacity: Optional[int] = typer.Option(None, help="resident routed experts per layer (default: all)"),
     policy: str = typer.Option("belady", help="expert cache policy: lru, lfu, random, belady"),
-    prefetch: bool = typer.Option(True, help="load the next layers' experts while a layer computes"),
-    token_budget: int = typer.Option(16, help="tokens per engine step"),
+    prefetch: str = typer.Option("auto", help="load the next layers' experts while a layer computes: auto (on for a "
+                                              "GPU or a link, off on CPU cores), on, off"),
+    token_budget: int = typer.Option(128, help="tokens per engine step (prompt chunks and decode tokens together)"),
     max_running: int = typer.Option(16, help="requests holding a KV cache at once"),
     max_wait: int = typer.Option(8, help="aging bound: steps a queued token may wait"),
     store: str = typer.Option("disk", help="expert store: disk (safetensors reads) or host (memory)"),
@@ -504,8 +506,11 @@ def serve(
         raise UserError(f"unknown --store '{store}': use disk or host")
     if link_gbps is not None and link_gbps <= 0:
         raise UserError("--link-gbps must be > 0")
+    modes = {"auto": "auto", "on": True, "off": False}
+    if prefetch not in modes:
+        raise UserError(f"unknown --prefetch '{prefetch}': use auto, on or off")
     cfg = EngineConfig(scheduler=scheduler, token_budget=token_budget, max_running=max_running, max_wait=max_wait,
-                       capacity=capacity, policy=policy, prefetch=prefetch, store=store, link_gbps=link_gbps)
+                       capacity=capacity, policy=policy, prefetch=modes[prefetch], store=store, link_gbps=link_gbps)
     backbone.env_threads()
     if dense:
         from .modeling import load_readme

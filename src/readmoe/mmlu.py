@@ -117,9 +117,12 @@ def _expert_ids(moe, items, ids):
 
 @torch.no_grad()
 def score(model, tok, questions: list[dict], batch_size: int = 8, max_prompt: int = 768, desc: str | None = None,
-          routing: str = "model") -> dict:
+          routing: str = "model", reduce: str = "mean") -> dict:
     """Accuracy and per-question choices. `model` is a dense HF causal LM or a ReadMEForCausalLM;
-    `routing="model"` lets a MoE route itself."""
+    `routing="model"` lets a MoE route itself. `reduce`: an answer's score is its tokens' mean log-prob (the
+    report's rule) or their sum (lm-eval's `acc`, to check a server's loglikelihood against)."""
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', not {reduce!r}")
     items = [_encode(tok, q, max_prompt) for q in questions]
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + sum(map(len, items[i][1])))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -147,7 +150,7 @@ def score(model, tok, questions: list[dict], batch_size: int = 8, max_prompt: in
         logp = torch.log_softmax(logits, -1)
         at = {p: k for k, p in enumerate(need)}
         for r, (i, row) in enumerate(zip(idx, spans)):
-            means = [float(torch.stack([logp[r, at[q], ids[r, st + j]] for j, q in enumerate(srcs)]).mean())
+            means = [float(getattr(torch.stack([logp[r, at[q], ids[r, st + j]] for j, q in enumerate(srcs)]), reduce)())
                      for (st, n), srcs in zip(row, src[r])]
             chosen[i], scores[i] = max(range(4), key=lambda k: means[k]), means
     correct = [LETTERS[c] == q["correct_answer"] for c, q in zip(chosen, questions)]

@@ -6,11 +6,18 @@ arrival. A scheduler returns chunks: (request, n) takes the request's next n tok
 
 - `decode-first` (DeepSpeed-FastGen style): decode tokens first, prompts fill the rest.
 - `prefill-first` (vLLM / TGI style): prompt chunks first, then decode tokens.
-- `expert-aware` (Read-ME Algorithm 1): one queue per expert holding the runs of
-  consecutive same-expert tokens at the head of each request; the batch is filled
-  from the longest queues first, so it touches few distinct experts.
+- `expert-aware-strict` (Read-ME Algorithm 1): one queue per expert holding the runs
+  of consecutive same-expert tokens at the head of each request; the batch is filled
+  from the longest queues first, so it touches few distinct experts. It is not
+  work-conserving: a prompt advances one same-expert run per step.
+- `expert-aware` (the default): work-conserving and cost-aware. Requests are taken in
+  decode-first order, each as far as the budget allows, and a token whose expert is
+  not yet in the batch is taken only if the step cost model says adding that expert
+  now (every request in the batch waits for it) costs less than deferring the token
+  by one step. Where experts are resident and cheap (a CPU) it behaves like
+  decode-first; where they must be loaded over a link it groups hard.
 
-All three obey the aging rule: a request whose head token has waited `max_wait`
+All obey the aging rule: a request whose head token has waited `max_wait`
 steps is served first, so no token waits longer than that (given at most
 `token_budget` running requests, which the engine enforces).
 """
@@ -19,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
+
+from .cost_model import StepCostModel
 
 
 class Queued(Protocol):
@@ -65,6 +74,7 @@ def head_run(experts: Sequence[int]) -> int:
 
 class Scheduler:
     name = "base"
+    aged_head_run = False  # an aged request takes only its head run of same-expert tokens
 
     def __init__(self, token_budget: int, max_wait: int = 8):
         if token_budget < 1 or max_wait < 1:
@@ -84,14 +94,16 @@ class Scheduler:
             taken[r.rid], left = 1, left - 1
         for r in aged:  # then as much of their head as they would normally take
             if r.rid in taken and left:
-                want = head_run(r.pending_experts) if self.name == "expert-aware" else len(r.pending_experts)
+                want = head_run(r.pending_experts) if self.aged_head_run else len(r.pending_experts)
                 extra = min(want - 1, left)
                 taken[r.rid] += extra
                 left -= extra
         rest = [r for r in ready if r.rid not in taken]
+        by_id = {r.rid: r for r in ready}
+        self.forced = {e for rid, n in taken.items() for e in by_id[rid].pending_experts[:n]}  # the aged chunks'
+        self.forced_reqs = len(taken)
         for r, n in self.fill(rest, left):
             taken[r.rid] = n
-        by_id = {r.rid: r for r in ready}
         return [Chunk(by_id[rid], n) for rid, n in taken.items() if n > 0]
 
     def fill(self, reqs: list, budget: int) -> list[tuple[object, int]]:
@@ -127,8 +139,9 @@ class PrefillFirst(_Ordered):
         return [r for r in reqs if r.in_prefill] + [r for r in reqs if not r.in_prefill]
 
 
-class ExpertAware(Scheduler):
-    name = "expert-aware"
+class ExpertAwareStrict(Scheduler):
+    name = "expert-aware-strict"
+    aged_head_run = True
 
     def fill(self, reqs, budget):
         queues: dict[int, list] = {}
@@ -146,14 +159,49 @@ class ExpertAware(Scheduler):
         return out
 
 
-SCHEDULERS = {c.name: c for c in (DecodeFirst, PrefillFirst, ExpertAware)}
+class ExpertAware(Scheduler):
+    name = "expert-aware"
+
+    def __init__(self, token_budget: int, max_wait: int = 8, cost: StepCostModel | None = None):
+        super().__init__(token_budget, max_wait)
+        self.cost = cost or StepCostModel()
+
+    def fill(self, reqs, budget):
+        batch, out = set(self.forced), []
+        if not batch and reqs:  # a step always runs something: seed with the longest queue, as Algorithm 1 does
+            size: dict[int, int] = {}
+            for r in reqs:
+                size[r.pending_experts[0]] = size.get(r.pending_experts[0], 0) + head_run(r.pending_experts)
+            batch.add(max(size, key=lambda e: (size[e], -e)))
+        heads = {r.pending_experts[0] for r in reqs}
+        defer_s = self.cost.step_s(budget, max(1, len(heads | batch)))  # deferring a token costs it one step
+        for r in [r for r in reqs if not r.in_prefill] + [r for r in reqs if r.in_prefill]:
+            if budget == 0:
+                break
+            new, n = set(), 0
+            for e in r.pending_experts[:budget]:
+                if e not in batch and e not in new:
+                    if self.cost.expert_s(e) * (len(out) + self.forced_reqs + 1) > defer_s:
+                        break  # the whole batch would wait longer for this expert than its token waits for a step
+                    new.add(e)
+                n += 1
+            if n:
+                out.append((r, n))
+                batch |= new
+                budget -= n
+        return out
 
 
-def make_scheduler(name: str, token_budget: int, max_wait: int = 8) -> Scheduler:
+SCHEDULERS = {c.name: c for c in (DecodeFirst, PrefillFirst, ExpertAware, ExpertAwareStrict)}
+
+
+def make_scheduler(name: str, token_budget: int, max_wait: int = 8, cost: StepCostModel | None = None) -> Scheduler:
     if name not in SCHEDULERS:
         from ..errors import UserError
 
         raise UserError(f"unknown scheduler '{name}'; use one of {', '.join(SCHEDULERS)}")
+    if name == ExpertAware.name:
+        return ExpertAware(token_budget, max_wait, cost)
     return SCHEDULERS[name](token_budget, max_wait)
 
 
