@@ -32,7 +32,8 @@ def workload(out: Path, n: int, output_tokens: int, name: str = "prompts.jsonl")
 
     c = Corpus("embedded")
     per = [c.texts(d, "validation") for d in c.domains]
-    rows = [{"prompt": per[i % len(per)][i // len(per)][:400], "output_tokens_count": output_tokens} for i in range(n)]
+    rows = [{"prompt": (t := per[i % len(per)])[(i // len(per)) % len(t)][:400], "output_tokens_count": output_tokens}
+            for i in range(n)]
     path = out / name
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -83,7 +84,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path("runs/demo/model"))
     ap.add_argument("--out", type=Path, default=Path("runs/load"))
-    ap.add_argument("--requests", type=int, default=32, help="requests per guidellm run")
+    ap.add_argument("--requests", type=int, default=24, help="requests per guidellm run")
     ap.add_argument("--output-tokens", type=int, default=32)
     ap.add_argument("--rates", default="0.25,0.5,0.75", help="Poisson rates as fractions of the saturating rate")
     ap.add_argument("--quick", action="store_true", help="16 requests, two rates, no capacity-2 variant")

@@ -13,8 +13,8 @@ arrival. A scheduler returns chunks: (request, n) takes the request's next n tok
 - `expert-aware` (the default): work-conserving and cost-aware. Requests are taken in
   decode-first order, each as far as the budget allows, and a token whose expert is
   not yet in the batch is taken only if the step cost model says adding that expert
-  now (every request in the batch waits for it) costs less than deferring the token
-  by one step. Where experts are resident and cheap (a CPU) it behaves like
+  now (every request in the batch waits for it) costs less than deferring it by one
+  step (every request whose next token needs it waits a step). Where experts are resident and cheap (a CPU) it behaves like
   decode-first; where they must be loaded over a link it groups hard.
 
 All obey the aging rule: a request whose head token has waited `max_wait`
@@ -168,21 +168,25 @@ class ExpertAware(Scheduler):
 
     def fill(self, reqs, budget):
         batch, out = set(self.forced), []
+        size: dict[int, int] = {}  # queued head-run tokens per expert
+        waiting: dict[int, int] = {}  # requests whose next token needs the expert
+        for r in reqs:
+            e = r.pending_experts[0]
+            size[e] = size.get(e, 0) + head_run(r.pending_experts)
+            waiting[e] = waiting.get(e, 0) + 1
         if not batch and reqs:  # a step always runs something: seed with the longest queue, as Algorithm 1 does
-            size: dict[int, int] = {}
-            for r in reqs:
-                size[r.pending_experts[0]] = size.get(r.pending_experts[0], 0) + head_run(r.pending_experts)
             batch.add(max(size, key=lambda e: (size[e], -e)))
-        heads = {r.pending_experts[0] for r in reqs}
-        defer_s = self.cost.step_s(budget, max(1, len(heads | batch)))  # deferring a token costs it one step
+        defer_s = self.cost.step_s(budget, max(1, len(set(size) | batch)))  # what deferring costs: one more step
         for r in [r for r in reqs if not r.in_prefill] + [r for r in reqs if r.in_prefill]:
             if budget == 0:
                 break
             new, n = set(), 0
             for e in r.pending_experts[:budget]:
                 if e not in batch and e not in new:
-                    if self.cost.expert_s(e) * (len(out) + self.forced_reqs + 1) > defer_s:
-                        break  # the whole batch would wait longer for this expert than its token waits for a step
+                    # adding e now makes every request in the batch wait for it; deferring e makes every request
+                    # waiting on e wait a step (e's cost is paid later either way)
+                    if self.cost.expert_s(e) * (len(out) + self.forced_reqs) > max(1, waiting.get(e, 0)) * defer_s:
+                        break
                     new.add(e)
                 n += 1
             if n:
