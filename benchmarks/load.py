@@ -87,7 +87,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=24, help="requests per guidellm run")
     ap.add_argument("--output-tokens", type=int, default=32)
     ap.add_argument("--rates", default="0.25,0.5,0.75", help="Poisson rates as fractions of the saturating rate")
-    ap.add_argument("--quick", action="store_true", help="16 requests, two rates, no capacity-2 variant")
+    ap.add_argument("--quick", action="store_true", help="one rate, no capacity-2 variant")
+    ap.add_argument("--interleaved", type=int, default=0, metavar="N",
+                    help="instead of the sweep: N rounds of MoE over HTTP, MoE in-process and dense over HTTP, each "
+                         "at saturation, interleaved; medians and spread (the ratios this noisy machine can support)")
     a = ap.parse_args()
     if not (a.model / "config.json").is_file():
         sys.exit(f"error: no model at {a.model}: run `make demo` first, or pass --model DIR")
@@ -95,6 +98,8 @@ def main() -> None:
         a.rates = "0.5"
     a.out.mkdir(parents=True, exist_ok=True)
     data = workload(a.out, a.requests, a.output_tokens)
+    if a.interleaved:
+        return interleaved(a, data)
     variants = {"moe": [], "moe-capacity-2": ["--capacity", "2", "--policy", "belady"], "dense": ["--dense"]}
     if a.quick:
         del variants["moe-capacity-2"]
@@ -136,6 +141,39 @@ def main() -> None:
     finally:
         srv.stop()
     write(report, a.out)
+
+
+def saturated(a, data: Path, args: list[str], tag: str) -> float:
+    srv = Server(a.model, args, a.out / f"server-{tag}.log")
+    try:
+        return guidellm(srv, a.model, data, f"kind=throughput,max_concurrency={a.requests}",
+                        f"kind=max_requests,count={a.requests}", a.out / f"{tag}.json")["output_tokens_per_s"]
+    finally:
+        srv.stop()
+
+
+def interleaved(a, data: Path) -> None:
+    import statistics
+
+    from readmoe.errors import atomic_write_json, atomic_write_text
+
+    runs: dict[str, list[float]] = {"moe_http": [], "moe_in_process": [], "dense_http": []}
+    for i in range(a.interleaved):
+        runs["moe_http"].append(saturated(a, data, [], f"moe-http-{i}"))
+        runs["moe_in_process"].append(in_process(a.model, data, [], a.output_tokens))
+        runs["dense_http"].append(saturated(a, data, ["--dense"], f"dense-http-{i}"))
+        print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()), flush=True)
+    ratios = {"http_vs_in_process": [h / p for h, p in zip(runs["moe_http"], runs["moe_in_process"])],
+              "moe_vs_dense_http": [m / d for m, d in zip(runs["moe_http"], runs["dense_http"])]}
+    summ = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
+            for k, v in {**runs, **ratios}.items()}
+    atomic_write_json(a.out / "interleaved.json", {"requests": a.requests, "output_tokens": a.output_tokens,
+                                                     "rounds": a.interleaved, "output_tokens_per_s": summ})
+    md = (f"# Saturated output tokens/s, {a.interleaved} interleaved rounds ({a.requests} requests, "
+          f"{a.output_tokens} output tokens)\n\n| | median | min | max |\n|---|---|---|---|\n"
+          + "".join(f"| {k} | {v['median']:.2f} | {v['min']:.2f} | {v['max']:.2f} |\n" for k, v in summ.items()))
+    atomic_write_text(a.out / "interleaved.md", md)
+    print(md)
 
 
 def unique_experts(srv: Server) -> float | None:
