@@ -79,9 +79,6 @@ class EngineThread:
         """Requests not yet holding a KV cache (read without the engine's cooperation: approximate by a step)."""
         return len(self._inbox) + len(self.engine.waiting)
 
-    def num_running(self) -> int:
-        return len(self.engine.running)
-
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> Handle:
         """Validate (a UserError names the problem), then queue; QueueFull when `max_queued` are waiting."""
         if not self.alive:
@@ -109,15 +106,6 @@ class EngineThread:
             self._cond.notify()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until no request is queued or running (used by tests and graceful shutdown)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if not self._inbox and not self._live and not self.engine.has_work():
-                return True
-            time.sleep(0.01)
-        return False
 
     # ------------------------------------------------------------ the engine thread
     def _loop(self) -> None:
