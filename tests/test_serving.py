@@ -256,9 +256,12 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
 
     _, model = workflow
     out = tmp_path / "serve"
-    code, _, err = run(monkeypatch, capsys, "bench", "serve", "--model", model, "--corpus", corpus_dir, "--out", out,
-                       "--quick", "--requests", 5, "--rate", 50, "--token-budget", 8, "--max-running", 4)
+    code, stdout, err = run(monkeypatch, capsys, "bench", "serve", "--model", model, "--corpus", corpus_dir, "--out", out,
+                            "--quick", "--requests", 5, "--rate", 50, "--token-budget", 8, "--max-running", 4)
     assert code == 0, err
+    verdict_lines = [ln for ln in stdout.splitlines() if ln.startswith(("met: ", "missed: "))]
+    assert any("Belady - LRU" in ln for ln in verdict_lines) and any("within 3 %" in ln for ln in verdict_lines)
+    assert "- met: " in (out / "report.md").read_text() or "- missed: " in (out / "report.md").read_text()
     data = json.loads((out / "report.json").read_text())
     keys = {"scheduler", "policy", "capacity", "prefetch", "mean_norm_latency_s", "p95_norm_latency_s",
             "p99_norm_latency_s", "unique_experts_per_batch", "hit_ratio", "optimal_hit_ratio", "tokens_per_s", "access_file"}
@@ -268,6 +271,9 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
         assert r["requests"] == 5 and r["hit_ratio"] <= r["optimal_hit_ratio"] + 1e-9
         lines = [json.loads(ln) for ln in (out / r["access_file"]).read_text().splitlines()]
         assert len(lines) == r["steps"] * 2 and set(lines[0]) == {"step", "layer", "experts"}
+        if r["policy"] != "resident":  # MIN from the file alone (experts in first-use order) equals the report's
+            h, n = min_hits([ln["experts"] for ln in lines if ln["layer"] == 0], r["capacity"])
+            assert h / n == pytest.approx(r["optimal_hit_ratio"])
     assert data["dense"]["requests"] == 5 and data["batch1_decode"]["speedup"] > 0
     for png in ("latency_cdf.png", "hit_ratio.png", "experts_per_batch.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

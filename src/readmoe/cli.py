@@ -456,8 +456,12 @@ def bench_serve(
     from . import report
     from .serving.bench import summary_rows
 
+    from .serving.bench import verdicts
+
     h, rows = summary_rows(data)
     report.print_table("serving benchmark", h, rows)
+    for goal, ok, measured in verdicts(data["goals"], link_gbps):
+        typer.echo(f"{'met' if ok else 'missed'}: {goal} ({measured})")
     typer.echo(f"wrote {out}/report.json, report.md, access/*.jsonl and plots")
 
 

@@ -215,6 +215,39 @@ def goals(runs: list[dict], dense: dict | None, b1: dict, E: int) -> dict:
     return g
 
 
+def verdicts(g: dict, link_gbps: float | None) -> list[tuple[str, bool, str]]:
+    """Issue 10's goals that one run can judge: (goal, met, what was measured). A goal the run lacks data for is
+    left out rather than guessed."""
+    out = []
+    if "mean_norm_latency_change" in g:
+        m, p = g["mean_norm_latency_change"], g["p95_norm_latency_change"]
+        out.append(("default scheduler within 3 % of the best baseline (mean and p95 normalized latency, resident)",
+                     m <= 0.03 and p <= 0.03, f"mean {100 * m:+.1f} %, p95 {100 * p:+.1f} %"))
+    if "tokens_per_s_vs_dense" in g:
+        t = g["tokens_per_s_vs_dense"]
+        out.append(("MoE tokens/s >= 1.1x the dense parent's (resident)", t >= 1.1, f"{t:.2f}x"))
+    closed = g.get("prefetch_gap_closed") or {}
+    if link_gbps:
+        if closed:
+            worst = min(closed.values())
+            out.append(("prefetch (auto's choice behind a link) closes >= 50 % of the on-demand -> resident gap",
+                        worst >= 0.5, f"{100 * worst:.0f} % at worst"))
+    else:
+        out.append(("prefetch auto never slower than on-demand", True,
+                    "auto loads on demand on CPU cores without a link"
+                    + (f" (prefetch would change latency by {', '.join(f'{-100 * v:+.0f} %' for v in closed.values())} "
+                       f"of the gap)" if closed else "")))
+    if "belady_minus_lru_mean_points" in g:
+        d = g["belady_minus_lru_mean_points"]
+        out.append(("Belady - LRU >= +5 points (capacities measured)", d >= 5, f"{d:+.1f} points"))
+        below = max(g["belady_below_min_points"].values())
+        out.append(("Belady within 2 points of MIN", below <= 2, f"{below:.1f} points below at worst"))
+    if "batch1_decode_speedup" in g:
+        s = g["batch1_decode_speedup"]
+        out.append(("batch-1 decode step >= 1.3x faster than dense (one measurement)", s >= 1.3, f"{s:.2f}x"))
+    return out
+
+
 def summary_rows(data: dict):
     runs = data["runs"] + ([data["dense"]] if data["dense"] else [])
     h = ["run", "norm lat mean ms", "p95 ms", "p99 ms", "TTFT mean s", "tok/s", "experts/batch", "hit %", "MIN %",
@@ -237,7 +270,9 @@ def write_markdown(data: dict, path: Path) -> None:
           + (f" behind an emulated {s['link_gbps']} GB/s link" if s.get('link_gbps') else "") + f", "
           f"{s['threads']} threads. Latency is on the engine's clock (measured compute, idle gaps skipped).\n\n"
           + report.markdown_table(h, rows)
-          + "\n## Goals\n\n```json\n" + json.dumps(g, indent=1) + "\n```\n"
+          + "\n## Goals\n\n" + "".join(f"- {'met' if ok else 'missed'}: {goal} ({m})\n"
+                                         for goal, ok, m in verdicts(g, s.get("link_gbps")))
+          + "\n```json\n" + json.dumps(g, indent=1) + "\n```\n"
           + f"\nBatch-1 decode step: " + ", ".join(f"{k} {v:.2f}" for k, v in data["batch1_decode"].items()) + "\n"
           + "\n![latency CDF](latency_cdf.png)\n![hit ratio](hit_ratio.png)\n![experts per batch](experts_per_batch.png)\n")
     atomic_write_text(path, md)

@@ -397,11 +397,12 @@ class Engine:
         return reqs
 
     def write_access_log(self, path: Path) -> None:
-        """JSONL, one line per step and layer: the routed experts that layer needed in that step."""
+        """JSONL, one line per step and layer: the routed experts that layer needed in that step, in the order the
+        layer used them (first use in the flat batch), so MIN can be recomputed from the file alone."""
         from ..errors import atomic_write_text
 
         L = len(self.runner.layers)
-        atomic_write_text(path, "".join(json.dumps({"step": s, "layer": l, "experts": sorted(order)}) + "\n"
+        atomic_write_text(path, "".join(json.dumps({"step": s, "layer": l, "experts": order}) + "\n"
                                         for s, order in enumerate(self.access_log) for l in range(L)))
 
     def resident_bytes(self) -> int:
