@@ -50,6 +50,19 @@ def tiny_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
 ARCHS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
 
 
+def tiny_moe():
+    """A tiny Llama carved into three experts whose router picks different experts for different tokens."""
+    from readmoe.carve import build_model, domain_sets
+
+    dense = tiny_llama()
+    L, I = len(dense.model.layers), dense.config.intermediate_size
+    sets = domain_sets(torch.rand(3, L, I, generator=torch.Generator().manual_seed(0)), 0.5)
+    moe = build_model(dense, sets, ["a", "b", "c"], 0.5, "domain", "test")
+    with torch.no_grad():
+        moe.router.head.weight.normal_(0, 1.0)
+    return moe
+
+
 @pytest.fixture(params=list(ARCHS))
 def dense(request):
     return ARCHS[request.param]()

@@ -148,15 +148,20 @@ def _base(cmd: str, tmp: Path, model: Path, stats: Path) -> list[str]:
             "bench": ["bench", "serve", "--model", model, "--out", tmp / "b"]}[cmd]
 
 
+def refused_in_empty_dir(cmd: str, extra: list, tmp_path_factory, workflow, monkeypatch, capsys) -> None:
+    """`cmd` with `extra` appended fails with one line and creates nothing in its (empty) working directory."""
+    stats, model = workflow
+    tmp = tmp_path_factory.mktemp("bad")
+    monkeypatch.chdir(tmp)
+    fails(monkeypatch, capsys, "", *_base(cmd, tmp, model, stats), *[e(tmp) if callable(e) else e for e in extra])
+    assert list(tmp.iterdir()) == [], "a refused command creates nothing"
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=st.sampled_from(NUMERIC), value=bad_number)
 def test_property_bad_numbers(case, value, tmp_path_factory, workflow, monkeypatch, capsys):
-    stats, model = workflow
-    tmp = tmp_path_factory.mktemp("bad")
     cmd, opt = case
-    monkeypatch.chdir(tmp)
-    fails(monkeypatch, capsys, "", *_base(cmd, tmp, model, stats), f"{opt}={value}")
-    assert list(tmp.iterdir()) == [], "a refused command creates nothing"
+    refused_in_empty_dir(cmd, [f"{opt}={value}"], tmp_path_factory, workflow, monkeypatch, capsys)
 
 
 PATHS = [("calibrate", "--model"), ("calibrate", "--corpus"), ("carve", "--model"), ("carve", "--stats"),
@@ -167,9 +172,5 @@ PATHS = [("calibrate", "--model"), ("calibrate", "--corpus"), ("carve", "--model
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=st.sampled_from(PATHS), path=bad_path)
 def test_property_bad_paths(case, path, tmp_path_factory, workflow, monkeypatch, capsys):
-    stats, model = workflow
-    tmp = tmp_path_factory.mktemp("badp")
     cmd, opt = case
-    monkeypatch.chdir(tmp)
-    fails(monkeypatch, capsys, "", *_base(cmd, tmp, model, stats), opt, tmp / path)
-    assert list(tmp.iterdir()) == [], "a refused command creates nothing"
+    refused_in_empty_dir(cmd, [opt, lambda tmp: tmp / path], tmp_path_factory, workflow, monkeypatch, capsys)

@@ -13,12 +13,11 @@ import openai
 import pytest
 import torch
 
-from readmoe.carve import build_model, domain_sets
 from readmoe.server import build_app
 from readmoe.serving import Engine, EngineConfig
 from readmoe.serving.engine_thread import EngineThread
 
-from conftest import CHAT_TEMPLATE, LiveServer, byte_tokenizer, free_port, tiny_llama
+from conftest import CHAT_TEMPLATE, LiveServer, byte_tokenizer, free_port, tiny_moe
 
 KEY = "sk-test"
 
@@ -26,14 +25,8 @@ KEY = "sk-test"
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny carved MoE with a byte tokenizer and a chat template, saved as a user's checkpoint directory."""
-    dense = tiny_llama()
-    L, I = len(dense.model.layers), dense.config.intermediate_size
-    sets = domain_sets(torch.rand(3, L, I, generator=torch.Generator().manual_seed(0)), 0.5)
-    moe = build_model(dense, sets, ["a", "b", "c"], 0.5, "domain", "test")
-    with torch.no_grad():  # the router picks different experts for different tokens
-        moe.router.head.weight.normal_(0, 1.0)
     d = tmp_path_factory.mktemp("ckpt")
-    moe.save_pretrained(d)
+    tiny_moe().save_pretrained(d)
     tok = byte_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(d)

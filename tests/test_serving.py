@@ -5,13 +5,12 @@ import random
 import pytest
 import torch
 
-from readmoe.carve import build_model, domain_sets
 from readmoe.errors import UserError
 from readmoe.serving import Engine, EngineConfig, SamplingParams
 from readmoe.serving.expert_cache import min_hits, simulate
 from readmoe.serving.scheduler import SCHEDULERS, lookahead, make_scheduler
 
-from conftest import tiny_llama
+from conftest import tiny_moe
 
 
 class Q:
@@ -151,12 +150,7 @@ def test_lookahead_predicts_the_next_batches():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    dense = tiny_llama()
-    L, I = len(dense.model.layers), dense.config.intermediate_size
-    sets = domain_sets(torch.rand(3, L, I, generator=torch.Generator().manual_seed(0)), 0.5)
-    moe = build_model(dense, sets, ["a", "b", "c"], 0.5, "domain", "test")
-    with torch.no_grad():  # make the router pick different experts for different tokens
-        moe.router.head.weight.normal_(0, 1.0)
+    moe = tiny_moe()
     d = tmp_path_factory.mktemp("served")
     moe.save_pretrained(d)
     return moe, d

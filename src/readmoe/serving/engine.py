@@ -221,14 +221,12 @@ class Engine:
         if not out.chunks:
             return []
         t0 = time.perf_counter()
-        c = self.cache
-        blocked0 = c.wait_s + (c.load_s if c.pool is None else 0.0)
+        blocked0 = self.cache.blocked_s
         left_before = sum(len(r.pending) for r in self.running) + sum(len(r.pending) for r in self.waiting)
         segs, logits = self.execute(out)
         finished = self.update_from_output(out, segs, logits)
         dt = time.perf_counter() - t0
-        blocked = c.wait_s + (c.load_s if c.pool is None else 0.0) - blocked0
-        self.cost.observe(out.num_tokens, len(self.access_log[-1]), max(0.0, dt - blocked))
+        self.cost.observe(out.num_tokens, len(self.access_log[-1]), max(0.0, dt - (self.cache.blocked_s - blocked0)))
         self.now += dt
         for r in self.running:
             if r.output_ids and r.first_token_s is None:
@@ -245,13 +243,11 @@ class Engine:
 
     def schedule(self) -> SchedulerOutput:
         """Admit waiting requests (a KV cache each) and pick this step's token chunks."""
-        admitted = []
         while self.waiting and len(self.running) < self.cfg.max_running:
             r = self.waiting.pop(0)
             r.kv, r.status = self.runner.new_kv(), RequestStatus.RUNNING
             self.running.append(r)
-            admitted.append(r)
-        return SchedulerOutput(self.sched.schedule(self.running), admitted)
+        return SchedulerOutput(self.sched.schedule(self.running))
 
     def execute(self, out: SchedulerOutput) -> tuple[list[Segment], torch.Tensor]:
         """Run the scheduled chunks through the backbone (experts made resident on the way); last-token logits."""

@@ -199,6 +199,11 @@ class ExpertCache:
         return sum(self.store.nbytes[l, e] for l, res in enumerate(self.resident) for e in res)
 
     @property
+    def blocked_s(self) -> float:
+        """Time the compute thread has spent on loads: waiting for the loader, or loading inline without one."""
+        return self.wait_s + (self.load_s if self.pool is None else 0.0)
+
+    @property
     def hit_ratio(self) -> float:
         n = self.hits + self.misses
         return self.hits / n if n else 0.0

@@ -24,7 +24,7 @@ steps is served first, so no token waits longer than that (given at most
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from .cost_model import StepCostModel
@@ -48,10 +48,9 @@ class Chunk:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    """What one engine step runs: the chunks, and the requests admitted (given a KV cache) for it."""
+    """What one engine step runs: the chunks of queued tokens, each a request and how many of its tokens."""
 
     chunks: list[Chunk]
-    admitted: list = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
