@@ -283,3 +283,40 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
     fails(monkeypatch, capsys, "trace.jsonl:1", "bench", "serve", "--model", model, "--out", tmp_path / "bad", "--trace", tr)
     fails(monkeypatch, capsys, "unknown cache policy", "bench", "serve", "--model", model, "--out", tmp_path / "bad",
           "--policies", "fifo")
+
+
+def test_cli_bench_serve_sweep(workflow, corpus_dir, tmp_path, monkeypatch, capsys):
+    """The quick sweep: every rate x memory setting x scheduler, on-demand behind the link, the dense parent;
+    the goals judged from those runs; one latency plot per memory setting and the throughput plot."""
+    import json
+
+    from conftest import run
+
+    from readmoe.serving.sweep import MEMORY, QUICK_RATES
+
+    _, model = workflow
+    out = tmp_path / "sweep"
+    code, stdout, err = run(monkeypatch, capsys, "bench", "serve", "--model", model, "--corpus", corpus_dir, "--out", out,
+                            "--sweep", "--quick", "--requests", 4, "--max-running", 4)
+    assert code == 0, err
+    data = json.loads((out / "report.json").read_text())
+    runs = data["runs"]
+    assert data["saturating_rate"] > 0 and all(r["requests"] == 4 for r in runs)
+    per_rate = len(MEMORY) * 2 + 1 + 1  # 2 schedulers per memory setting, on-demand behind the link, dense
+    assert len(runs) == len(QUICK_RATES) * per_rate
+    for f in QUICK_RATES:
+        at = [r for r in runs if r["rate_factor"] == f]
+        assert {(r["scheduler"], r["memory"]) for r in at if r["model"] == "moe" and not r["ondemand"]} == \
+            {(s, m) for s in ("decode-first", "expert-aware") for m in MEMORY}
+        assert all(r["rate"] == pytest.approx(f * data["saturating_rate"]) for r in at)
+        link = [r for r in at if r["memory"] == "cap2-link" and r["scheduler"] == "expert-aware"]
+        assert sorted(r["prefetch"] for r in link) == [False, True]  # auto turns prefetch on behind the link
+        disk = [r for r in at if r["memory"] == "cap2-disk"]
+        assert all(not r["prefetch"] and r["capacity"] == 2 for r in disk)  # ... and off on the CPU's own cores
+    g = data["goals"]
+    assert set(g["vs_best_baseline"]) == {f"{m}@{f:g}x" for m in MEMORY for f in QUICK_RATES}
+    assert g["saturated_tokens_per_s_vs_dense_resident"] > 0 and len(g["prefetch_behind_link"]) == len(QUICK_RATES)
+    verdict_lines = [ln for ln in stdout.splitlines() if ln.startswith(("met: ", "missed: "))]
+    assert len(verdict_lines) == 6 and any("at every rate" in ln for ln in verdict_lines)
+    for png in [f"latency_{m}.png" for m in MEMORY] + ["throughput.png"]:
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"

@@ -401,7 +401,10 @@ def _ints(arg: Optional[str], what: str) -> Optional[list[int]]:
 def bench_serve(
     model: Path = typer.Option(..., help="readmoe checkpoint directory (its safetensors file is the expert store)"),
     out: Path = typer.Option(Path("runs/serve"), help="directory for report.json/.md, access logs and plots"),
-    quick: bool = typer.Option(False, help="a small workload and matrix (capacity 2, lru and belady)"),
+    quick: bool = typer.Option(False, help="a small workload and matrix (capacity 2, lru and belady); with --sweep, "
+                                          "3 rates and 2 schedulers"),
+    sweep: bool = typer.Option(False, help="the workload at rates from light to 2x saturation, per scheduler x "
+                                          "{resident, capacity 2 on disk, capacity 2 behind a 2 GB/s link}"),
     schedulers: Optional[str] = typer.Option(None, help="comma list (default all: decode-first,prefill-first,expert-aware)"),
     policies: Optional[str] = typer.Option(None, help="comma list (default all: lru,lfu,random,belady)"),
     capacities: Optional[str] = typer.Option(None, help="comma list of resident experts per layer (default 1..E-1)"),
@@ -409,7 +412,7 @@ def bench_serve(
     rate: float = typer.Option(4.0, help="arrivals per second"),
     arrival: str = typer.Option("poisson", help="poisson or bursty"),
     trace: Optional[Path] = typer.Option(None, help="replay a JSONL trace (arrival_s, prompt, max_tokens) instead"),
-    token_budget: int = typer.Option(16, help="tokens per step"),
+    token_budget: int = typer.Option(128, help="tokens per step (the engine's default)"),
     max_running: int = typer.Option(16, help="requests holding a KV cache at once"),
     max_wait: int = typer.Option(8, help="aging bound: steps a queued token may wait"),
     store: str = typer.Option("disk", help="expert store: disk (safetensors reads) or host (memory)"),
@@ -434,6 +437,11 @@ def bench_serve(
         raise UserError("--requests must be >= 1")
     if link_gbps is not None and link_gbps <= 0:
         raise UserError("--link-gbps must be > 0")
+    if sweep:
+        from .serving import EngineConfig
+
+        return _bench_sweep(model, out, quick, schedulers, requests, corpus, dense,
+                            EngineConfig(token_budget=token_budget, max_running=max_running, max_wait=max_wait))
     cfg = BenchConfig(token_budget=token_budget, max_running=max_running, max_wait=max_wait, store=store, link_gbps=link_gbps,
                       workload=WorkloadConfig(requests=n, rate=rate, arrival=arrival), trace=str(trace) if trace else None)
     if quick:
@@ -446,13 +454,7 @@ def bench_serve(
     from .serving.step_runner import check_supported
 
     check_supported(moe)
-    parent = dense or moe.config.parent_model
-    dm = None
-    if parent and parent != "none":
-        d, _ = backbone.load_dense(parent)
-        dm = dense_on_engine(d, moe)
-        del d
-    data = bench(moe, model, tok, Corpus(corpus), dm, cfg, out)
+    data = bench(moe, model, tok, Corpus(corpus), _parent_on_engine(moe, dense), cfg, out)
     from . import report
     from .serving.bench import summary_rows
 
@@ -463,6 +465,47 @@ def bench_serve(
     for goal, ok, measured in verdicts(data["goals"], link_gbps):
         typer.echo(f"{'met' if ok else 'missed'}: {goal} ({measured})")
     typer.echo(f"wrote {out}/report.json, report.md, access/*.jsonl and plots")
+
+
+def _parent_on_engine(moe, dense: Optional[str]):
+    """The dense parent as a one-path engine model, or None when --dense none."""
+    from . import backbone
+
+    parent = dense or moe.config.parent_model
+    if not parent or parent == "none":
+        return None
+    d, _ = backbone.load_dense(parent)
+    return dense_on_engine(d, moe)
+
+
+def _bench_sweep(model: Path, out: Path, quick: bool, schedulers: Optional[str], requests: Optional[int], corpus: str,
+                 dense: Optional[str], engine) -> None:
+    from . import backbone, report
+    from .corpus import Corpus
+    from .modeling import load_readme
+    from .serving.step_runner import check_supported
+    from .serving.sweep import SweepConfig, sweep, table, verdicts
+
+    cfg = SweepConfig.quick() if quick else SweepConfig()
+    cfg.engine = engine
+    cfg.schedulers = _domains(schedulers) or cfg.schedulers
+    from .serving.scheduler import make_scheduler
+
+    for s in cfg.schedulers:
+        make_scheduler(s, 1)  # an unknown name fails before any run
+    if requests is not None:
+        if requests < 1:
+            raise UserError("--requests must be >= 1")
+        cfg.workload.requests = requests
+    backbone.env_threads()
+    moe, tok = load_readme(str(model))
+    check_supported(moe)
+    data = sweep(moe, model, tok, Corpus(corpus), _parent_on_engine(moe, dense), cfg, out)
+    h, rows = table(data)
+    report.print_table(f"serving sweep (saturating rate {data['saturating_rate']:.2f} req/s)", h, rows)
+    for goal, ok, measured in verdicts(data["goals"]):
+        typer.echo(f"{'met' if ok else 'missed'}: {goal} ({measured})")
+    typer.echo(f"wrote {out}/report.json, report.md and plots")
 
 
 @app.command()
@@ -486,6 +529,8 @@ def serve(
     max_wait: int = typer.Option(8, help="aging bound: steps a queued token may wait"),
     store: str = typer.Option("disk", help="expert store: disk (safetensors reads) or host (memory)"),
     link_gbps: Optional[float] = typer.Option(None, help="emulate a host->accelerator link of this many GB/s"),
+    max_model_len: int = typer.Option(4096, help="longest request (prompt + output) in tokens; each running request "
+                                                 "reserves KV for this many (on CPU only the tokens held use memory)"),
 ):
     """Serve the MoE over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (SSE streaming),
     /v1/models, /health, /metrics (Prometheus), /tokenize, /detokenize."""
@@ -500,8 +545,8 @@ def serve(
         raise UserError("no model at runs/demo/model: run `make demo` first, or pass --model DIR")
     if not 0 <= port <= 65535:
         raise UserError("--port must lie in [0, 65535]")
-    if max_queued < 1 or token_budget < 1 or max_running < 1 or max_wait < 1:
-        raise UserError("--max-queued, --token-budget, --max-running and --max-wait must be >= 1")
+    if max_queued < 1 or token_budget < 1 or max_running < 1 or max_wait < 1 or max_model_len < 2:
+        raise UserError("--max-queued, --token-budget, --max-running and --max-wait must be >= 1, --max-model-len >= 2")
     if drain_timeout < 0:
         raise UserError("--drain-timeout must be >= 0")
     if policy not in POLICIES:
@@ -514,7 +559,8 @@ def serve(
     if prefetch not in modes:
         raise UserError(f"unknown --prefetch '{prefetch}': use auto, on or off")
     cfg = EngineConfig(scheduler=scheduler, token_budget=token_budget, max_running=max_running, max_wait=max_wait,
-                       capacity=capacity, policy=policy, prefetch=modes[prefetch], store=store, link_gbps=link_gbps)
+                       capacity=capacity, policy=policy, prefetch=modes[prefetch], store=store, link_gbps=link_gbps,
+                       max_model_len=max_model_len)
     backbone.env_threads()
     if dense:
         from .modeling import load_readme

@@ -72,7 +72,7 @@ def write(json_path: Path, data: dict, markdown: str) -> None:
     atomic_write_text(json_path.with_suffix(".md"), markdown)
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,18 +81,18 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     from .errors import atomic_file
 
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def plot_perplexity(ppl: dict[str, dict[str, float | None]], path: Path) -> None:
     """Grouped bars: one group per domain, one bar per variant, log scale."""
-    plt = _plt()
+    plt = pyplot()
     domains = list(next(iter(ppl.values())).keys())
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(domains), 3.6))
     width = 0.8 / max(len(ppl), 1)
@@ -104,12 +104,12 @@ def plot_perplexity(ppl: dict[str, dict[str, float | None]], path: Path) -> None
     ax.set_yscale("log")
     ax.set_ylabel("validation perplexity")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_carve(table: list[dict], path: Path) -> None:
     """Per layer: shared expert share and the routed experts' min/mean/max share."""
-    plt = _plt()
+    plt = pyplot()
     layers = [r["layer"] for r in table]
     fig, ax = plt.subplots(figsize=(7, 3.4))
     ax.plot(layers, [r["shared_pct"] for r in table], label="shared expert")
@@ -120,13 +120,13 @@ def plot_carve(table: list[dict], path: Path) -> None:
     ax.set_xlabel("layer")
     ax.set_ylabel("% of the layer's dense neurons")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_routing(stats: dict, expert_names: list[str], path: Path) -> None:
     """Three panels: the router's expert load per domain (heatmap), how often a token keeps the previous token's
     expert, and the mutual information between adjacent layers' expert choices."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     load = stats.get("load", {}).get("readme", {})
     ax = axes[0]
@@ -157,12 +157,12 @@ def plot_routing(stats: dict, expert_names: list[str], path: Path) -> None:
     ax.set_ylabel("mutual information (bits)")
     ax.set_title("redundancy of per-layer routing", fontsize=9)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_recovery(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     """Validation perplexity against expert-tuning tokens, one line per trained variant."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for variant, pts in curves.items():
         if pts:
@@ -171,7 +171,7 @@ def plot_recovery(curves: dict[str, list[tuple[int, float]]], path: Path) -> Non
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def recovery_curve(log_file: Path) -> list[tuple[int, float]]:

@@ -39,6 +39,8 @@ class EngineConfig:
     lookahead: int = 16  # scheduler steps simulated for belady
     prefetch_depth: int = 2  # layers loaded ahead of the one computing
     link_gbps: float | None = None  # emulate a host->accelerator link of this bandwidth for expert loads
+    max_model_len: int | None = 4096  # KV capacity per request (prompt + output), reserved once per running slot;
+    # None: the model's context window. On CPU untouched capacity costs address space, not memory.
 
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing by a denormal overflows the logits)
@@ -108,6 +110,8 @@ class Engine:
         self.cost = StepCostModel()
         self.cost.load_s = self._load_estimate
         self.sched = make_scheduler(cfg.scheduler, cfg.token_budget, cfg.max_wait, self.cost)
+        if cfg.max_model_len is not None and cfg.max_model_len < 2:
+            raise UserError("max_model_len must be >= 2 (a prompt token and an output token)")
         if cfg.capacity is not None and not 1 <= cfg.capacity <= moe.num_experts:
             raise UserError(f"--capacity must lie in [1, {moe.num_experts}]")
         kind = cfg.store if checkpoint is not None else "host"
@@ -117,7 +121,7 @@ class Engine:
         self.cache = ExpertCache(store, cfg.capacity or moe.num_experts, cfg.policy, prefetch=self.prefetch)
         if cfg.capacity is None:
             self.cache.warm()  # every expert resident: no loads while serving
-        self.runner = StepRunner(moe, self._expert)
+        self.runner = StepRunner(moe, self._expert, slots=cfg.max_running, max_len=cfg.max_model_len)
         if self.cache.pool is not None:
             depth = cfg.prefetch_depth
             self.runner.on_layer = lambda l, order: self.cache.prefetch(l + depth, order)
@@ -157,8 +161,8 @@ class Engine:
         if not prompt_ids:
             raise UserError("empty prompt: give at least one token")
         if self.max_len and len(prompt_ids) >= self.max_len:
-            raise UserError(f"prompt of {len(prompt_ids)} tokens does not fit the model's context window of "
-                            f"{self.max_len} tokens; shorten it")
+            raise UserError(f"prompt of {len(prompt_ids)} tokens does not fit the engine's context window of "
+                            f"{self.max_len} tokens (max_model_len); shorten it")
         if params.max_tokens < 1:
             raise UserError("max_tokens must be >= 1")
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
@@ -194,7 +198,8 @@ class Engine:
         return False
 
     def kv_bytes(self) -> int:
-        return sum(r.kv.nbytes for r in list(self.running) if r.kv is not None)
+        """Bytes of KV held by running requests (their tokens, not the reserved capacity)."""
+        return self.runner.kv.nbytes
 
     def queued_tokens_per_expert(self) -> list[int]:
         """Pre-gated tokens waiting to run, per routed expert."""
@@ -359,7 +364,9 @@ class Engine:
 
     def _finish(self, r: Request, status: RequestStatus) -> None:
         r.status = status
-        r.kv = None  # frees the KV cache
+        if r.kv is not None:
+            self.runner.kv.free(r.kv)
+        r.kv = None
         r.router_cache = None
         self.done.append(r)
 

@@ -11,6 +11,9 @@ Llama-style decoders (Llama, Mistral, Qwen2/3, SmolLM) are supported.
 
 from __future__ import annotations
 
+import heapq
+import math
+import mmap
 import sys
 from dataclasses import dataclass
 
@@ -19,31 +22,63 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 
+# Linux's flag (Python < 3.12 lacks the constant): map the KV cache without reserving memory for all of it.
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
-class SeqKV:
-    """One sequence's KV cache: per layer K and V [kv_heads, capacity, head_dim], grown by doubling."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device, capacity: int = 64):
-        self.shape = (kv_heads, capacity, head_dim)
-        self.k = [torch.empty(self.shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.empty(self.shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.len = 0
+class KVCache:
+    """Fixed KV storage, allocated once (as gpt-fast does): per layer K and V [slots, kv_heads, capacity, head_dim].
 
-    def reserve(self, n: int) -> None:
-        cap = self.k[0].shape[1]
-        if self.len + n <= cap:
-            return
-        while cap < self.len + n:
-            cap *= 2
-        for buf in (self.k, self.v):
-            for l, t in enumerate(buf):
-                new = t.new_empty(t.shape[0], cap, t.shape[2])
-                new[:, :self.len] = t[:, :self.len]
-                buf[l] = new
+    A sequence owns one slot for its life, so nothing is reallocated or copied as it grows, and the decode
+    tokens of every sequence attend in one call per layer over the slots in use, masked by length. On CPU
+    the buffer is an anonymous memory map: its pages read as zeros and are committed only when written, so
+    resident memory follows the tokens actually held, not the capacity; positions past a sequence's length
+    are always finite (zeros or an earlier sequence's keys) and the mask removes them."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
+        shape = (layers, 2, slots, kv_heads, capacity, head_dim)
+        if torch.device(device).type == "cpu":
+            self._map = mmap.mmap(-1, math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+            self.buf = torch.frombuffer(self._map, dtype=dtype).view(shape)
+        else:
+            self.buf = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.token_bytes = 2 * layers * kv_heads * head_dim * self.buf.element_size()
+        self._free = list(range(slots))  # a min-heap: the lowest slot first keeps the slots in use compact
+        self.used: dict[int, "SeqKV"] = {}
+
+    def alloc(self) -> "SeqKV":
+        if not self._free:
+            raise RuntimeError("every KV slot is taken")
+        kv = SeqKV(self, heapq.heappop(self._free))
+        self.used[kv.slot] = kv
+        return kv
+
+    def free(self, kv: "SeqKV") -> None:
+        if self.used.pop(kv.slot, None) is kv:
+            heapq.heappush(self._free, kv.slot)
+
+    def k(self, layer: int) -> torch.Tensor:
+        return self.buf[layer, 0]
+
+    def v(self, layer: int) -> torch.Tensor:
+        return self.buf[layer, 1]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for buf in (self.k, self.v) for t in buf)
+        """Bytes of the tokens held (what a paged cache would use), not of the reserved capacity."""
+        return sum(kv.len for kv in self.used.values()) * self.token_bytes
+
+
+class SeqKV:
+    """One sequence's handle on the KV cache: its slot and how many positions it holds."""
+
+    def __init__(self, cache: KVCache, slot: int):
+        self.cache, self.slot, self.len = cache, slot, 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.len * self.cache.token_bytes
 
 
 @dataclass
@@ -75,7 +110,9 @@ def check_supported(moe) -> None:
 
 
 class StepRunner:
-    def __init__(self, moe, expert_fn):
+    """Runs flat ragged batches; owns the KV cache of `slots` sequences of up to `max_len` tokens each."""
+
+    def __init__(self, moe, expert_fn, slots: int = 16, max_len: int | None = None):
         check_supported(moe)
         self.moe = moe
         m = moe.backbone.model
@@ -87,14 +124,16 @@ class StepRunner:
         self.head_dim = getattr(attn, "head_dim", None) or tc.hidden_size // self.heads
         self.scaling = getattr(attn, "scaling", self.head_dim ** -0.5)
         self.rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        self.max_len = getattr(tc, "max_position_embeddings", None)
+        model_max = getattr(tc, "max_position_embeddings", None)
+        self.max_len = min(x for x in (max_len, model_max) if x) if (max_len or model_max) else 2048
         self.expert_fn = expert_fn  # (layer, expert, rest of the step's experts) -> (gate, up, down) weights
         self.on_layer = None  # called with the layer index before it runs (the prefetcher's hook)
         p = next(moe.parameters())
         self.dtype, self.device = p.dtype, p.device
+        self.kv = KVCache(len(self.layers), slots, self.kv_heads, self.max_len, self.head_dim, self.dtype, self.device)
 
     def new_kv(self) -> SeqKV:
-        return SeqKV(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
+        return self.kv.alloc()
 
     def _mlp(self, l: int, x: torch.Tensor, ids: torch.Tensor, order: list[int]) -> torch.Tensor:
         mlp = self.layers[l].mlp
@@ -113,16 +152,60 @@ class StepRunner:
                 out = out + y
         return out
 
+    def _decode_plan(self, segs: list[Segment], lens: list[int]):
+        """Index tensors for the step's one-token segments, which attend together in one call per layer."""
+        offs = [sum(lens[:i]) for i in range(len(segs))]
+        dec = [i for i, n in enumerate(lens) if n == 1]
+        if not dec:
+            return None
+        slots = [segs[i].kv.slot for i in dec]
+        width = max(slots) + 1  # the slots in use are compact (lowest free first)
+        span = max(segs[i].kv.len for i in dec) + 1
+        allowed = torch.zeros(width, 1, 1, span, dtype=torch.bool)
+        allowed[:, ..., 0] = True  # idle rows attend somewhere harmless; their output is dropped
+        for i, sl in zip(dec, slots):
+            allowed[sl, ..., :segs[i].kv.len + 1] = True
+        dev = self.device
+        return (torch.tensor([offs[i] for i in dec], device=dev), torch.tensor(slots, device=dev),
+                torch.tensor([segs[i].kv.len for i in dec], device=dev), allowed.to(dev), width, span)
+
+    def _attend_decode(self, l: int, q, k, v, out, plan) -> None:
+        """All one-token segments at once: write their K/V into their slots, then one SDPA over the slots in use.
+        The query heads sharing a KV head are laid out as that head's query rows, so no KV is repeated."""
+        rows, slots, pos, allowed, width, span = plan
+        K, V = self.kv.k(l), self.kv.v(l)
+        K[slots, :, pos] = k[0, :, rows].transpose(0, 1)  # [B, kv_heads, d]
+        V[slots, :, pos] = v[0, :, rows].transpose(0, 1)
+        group = self.heads // self.kv_heads
+        qs = q.new_zeros(width, self.heads, self.head_dim)
+        qs[slots] = q[0, :, rows].transpose(0, 1)
+        y = F.scaled_dot_product_attention(qs.view(width, self.kv_heads, group, self.head_dim), K[:width, :, :span],
+                                           V[:width, :, :span], attn_mask=allowed, scale=self.scaling)
+        out[0, :, rows] = y.view(width, self.heads, self.head_dim)[slots].transpose(0, 1)
+
+    def _attend_chunk(self, l: int, seg: Segment, off: int, n: int, q, k, v, out) -> None:
+        """One prompt chunk: causal over its own tokens, full view of its sequence's earlier positions."""
+        p0, sl = seg.kv.len, seg.kv.slot
+        K, V = self.kv.k(l), self.kv.v(l)
+        K[sl, :, p0:p0 + n] = k[0, :, off:off + n]
+        V[sl, :, p0:p0 + n] = v[0, :, off:off + n]
+        mask = torch.ones(n, p0 + n, dtype=torch.bool, device=q.device).tril(p0)
+        out[:, :, off:off + n] = F.scaled_dot_product_attention(
+            q[:, :, off:off + n], K[sl:sl + 1, :, :p0 + n], V[sl:sl + 1, :, :p0 + n], attn_mask=mask,
+            scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
+
     @torch.no_grad()
     def step(self, segs: list[Segment]) -> torch.Tensor:
         """Run every segment's tokens; returns the logits of each segment's last token [S, vocab]."""
         lens = [len(s.tokens) for s in segs]
+        if any(s.kv.len + n > self.kv.capacity for s, n in zip(segs, lens)):
+            raise RuntimeError(f"a sequence outgrew the KV capacity of {self.kv.capacity} tokens")
         ids = torch.tensor([t for s in segs for t in s.tokens], device=self.device)
         eids = torch.tensor([e for s in segs for e in s.experts], device=self.device)
         order = first_use_order(segs)
         pos = torch.cat([torch.arange(s.kv.len, s.kv.len + n) for s, n in zip(segs, lens)]).to(self.device)
-        for s, n in zip(segs, lens):
-            s.kv.reserve(n)
+        plan = self._decode_plan(segs, lens)
+        chunks = [(s, sum(lens[:i]), n) for i, (s, n) in enumerate(zip(segs, lens)) if n > 1]
         h = self.m.embed_tokens(ids)[None]  # [1, N, H]
         cos, sin = self.m.rotary_emb(h, pos[None])
         N = ids.numel()
@@ -139,19 +222,10 @@ class StepRunner:
             q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [1, heads, N, d]
             v = v.transpose(1, 2)
             out = torch.empty(1, self.heads, N, self.head_dim, dtype=q.dtype, device=q.device)
-            off = 0
-            for s, n in zip(segs, lens):
-                p0 = s.kv.len
-                s.kv.k[l][:, p0:p0 + n] = k[0, :, off:off + n]
-                s.kv.v[l][:, p0:p0 + n] = v[0, :, off:off + n]
-                K, V = s.kv.k[l][None, :, :p0 + n], s.kv.v[l][None, :, :p0 + n]
-                mask = None
-                if n > 1:
-                    mask = torch.ones(n, p0 + n, dtype=torch.bool, device=q.device).tril(p0)
-                out[:, :, off:off + n] = F.scaled_dot_product_attention(
-                    q[:, :, off:off + n], K, V, attn_mask=mask, scale=self.scaling,
-                    enable_gqa=self.kv_heads != self.heads)
-                off += n
+            if plan is not None:
+                self._attend_decode(l, q, k, v, out, plan)
+            for seg, off, n in chunks:
+                self._attend_chunk(l, seg, off, n, q, k, v, out)
             h = h + attn.o_proj(out.transpose(1, 2).reshape(1, N, -1))
             x = layer.post_attention_layernorm(h)[0]
             h = h + self._mlp(l, x, eids, order)[None]
