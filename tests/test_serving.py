@@ -310,7 +310,8 @@ def test_cli_bench_serve_sweep(workflow, corpus_dir, tmp_path, monkeypatch, caps
             {(s, m) for s in ("decode-first", "expert-aware") for m in MEMORY}
         assert all(r["rate"] == pytest.approx(f * data["saturating_rate"]) for r in at)
         link = [r for r in at if r["memory"] == "cap2-link" and r["scheduler"] == "expert-aware"]
-        assert sorted(r["prefetch"] for r in link) == [False, True]  # auto turns prefetch on behind the link
+        auto, ondemand = sorted(link, key=lambda r: r["ondemand"])
+        assert "link" in auto["prefetch_reason"] and not ondemand["prefetch"]  # auto measures behind the link
         disk = [r for r in at if r["memory"] == "cap2-disk"]
         assert all(not r["prefetch"] and r["capacity"] == 2 for r in disk)  # ... and off on the CPU's own cores
     g = data["goals"]
@@ -320,3 +321,41 @@ def test_cli_bench_serve_sweep(workflow, corpus_dir, tmp_path, monkeypatch, caps
     assert len(verdict_lines) == 6 and any("at every rate" in ln for ln in verdict_lines)
     for png in [f"latency_{m}.png" for m in MEMORY] + ["throughput.png"]:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prefetch_switch_keeps_the_faster_setting_and_probes_again():
+    from readmoe.serving.prefetch import PrefetchSwitch
+
+    for faster in (True, False):
+        sw = PrefetchSwitch(window=2, rounds=2, every=20)
+        seen = []
+        for _ in range(20):
+            on = sw.next_step()
+            seen.append(on)
+            sw.observe(0.1 if on == faster else 0.3, tokens=4)
+        assert seen[:8] == [True, True, False, False, True, True, False, False]  # the probe alternates windows
+        assert set(seen[8:]) == {faster} and sw.decisions[0]["on"] is faster
+        assert sw.decisions[0]["on_s_per_token"] == pytest.approx(0.025 if faster else 0.075)
+        assert sw.next_step() is True  # `every` steps after the last probe began: probing again
+
+
+def test_auto_prefetch_measures_behind_a_link_and_stays_off_on_cpu_cores(served):
+    from readmoe.serving.prefetch import resolve_prefetch
+
+    cpu = torch.device("cpu")
+    assert resolve_prefetch("auto", 2, None, cpu)[0] is False
+    assert resolve_prefetch("auto", 2, 2.0, cpu)[0] == "measure"
+    assert resolve_prefetch("auto", None, 2.0, cpu)[0] is False  # all resident: nothing to load
+    assert resolve_prefetch(True, 2, None, cpu) == (True, "set explicitly")
+    with pytest.raises(UserError, match="auto, on or off"):
+        resolve_prefetch("sometimes", 2, None, cpu)
+    moe, d = served
+    prompts = [[5, 6, 7, 8] * 3, [9, 10, 11] * 5, [12, 13] * 4]
+    outs = {}
+    for pf in ("auto", False):
+        with Engine(moe, EngineConfig(capacity=1, link_gbps=50.0, prefetch=pf, max_running=1), checkpoint=d) as eng:
+            outs[pf] = [c.output_ids for c in eng.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))]
+            if pf == "auto":
+                sw = eng.switch
+                assert sw is not None and sw.decisions and eng.cache.enabled == sw.decisions[-1]["on"]
+    assert outs["auto"] == outs[False]  # switching the loader on and off never changes what is computed

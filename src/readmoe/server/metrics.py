@@ -64,7 +64,7 @@ class ServerMetrics:
         """Called by the engine thread after every step."""
         m, c, last = self.model, engine.cache, self._last
         self.refresh(engine)
-        hidden = max(0.0, c.load_s - c.wait_s)
+        hidden = max(0.0, c.load_s - c.blocked_s)
         for key, value, counter in (("hits", c.hits, self.hits), ("misses", c.misses, self.misses),
                                     ("bytes", c.store.bytes_loaded, self.bytes_loaded), ("hidden", hidden, self.hidden),
                                     ("router", engine.stats.router_s, self.router_s)):

@@ -63,8 +63,9 @@ def summarize(eng: Engine, reqs, name: str) -> dict:
     n = sum(map(len, eng.access_log))
     hits = min_hits(eng.access_log, cap)[0] if cap is not None else n  # all resident: every access hits
     out = {"name": name, "scheduler": eng.cfg.scheduler, "policy": eng.cfg.policy if cap is not None else "resident",
-           "capacity": cap if cap is not None else eng.moe.num_experts, "prefetch": bool(c.pool is not None),
-           "prefetch_reason": eng.prefetch_reason, "cost_model": eng.cost.as_dict(),
+           "capacity": cap if cap is not None else eng.moe.num_experts, "prefetch": bool(c.pool is not None and c.enabled),
+           "prefetch_reason": eng.prefetch_reason,
+           "prefetch_decisions": eng.switch.decisions if eng.switch is not None else [], "cost_model": eng.cost.as_dict(),
            "requests": len(reqs), "generated_tokens": gen, "steps": len(steps)}
     for key, xs in (("norm_latency_s", norm), ("latency_s", e2e), ("ttft_s", ttft)):
         out[f"mean_{key}"] = statistics.fmean(xs)
@@ -80,8 +81,8 @@ def summarize(eng: Engine, reqs, name: str) -> dict:
         "hit_ratio": c.hit_ratio if cap is not None else 1.0,
         "optimal_hit_ratio": hits / n if n else None,
         "bytes_loaded": c.store.bytes_loaded,
-        "load_s": c.load_s, "load_wait_s": c.wait_s,
-        "hidden_load_share": (1 - c.wait_s / c.load_s) if c.pool is not None and c.load_s > 0 else 0.0,
+        "load_s": c.load_s, "load_wait_s": c.blocked_s,
+        "hidden_load_share": (1 - c.blocked_s / c.load_s) if c.load_s > 0 else 0.0,
         "router_share": eng.stats.router_s / eng.stats.busy_s if eng.stats.busy_s else None,
         "resident_bytes": eng.resident_bytes(),
         "norm_latencies": norm,

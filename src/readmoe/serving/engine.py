@@ -21,6 +21,7 @@ from ..errors import UserError
 from .expert_cache import ExpertCache, ExpertStore
 from .request import Logprob, Request, RequestStatus, SamplingParams
 from .cost_model import StepCostModel
+from .prefetch import PrefetchSwitch, resolve_prefetch
 from .scheduler import SchedulerOutput, age, lookahead, make_scheduler
 from .step_runner import Segment, StepRunner, first_use_order
 
@@ -34,7 +35,8 @@ class EngineConfig:
     max_wait: int = 8  # aging bound, in steps
     capacity: int | None = None  # resident routed experts per layer; None: all of them, loaded before the run
     policy: str = "belady"
-    prefetch: bool | str = "auto"  # "auto": on where a copy can overlap compute (a GPU, a link), off on shared CPU cores
+    prefetch: bool | str = "auto"  # "auto": off on shared CPU cores; where a copy can overlap compute (a GPU, a
+    # link), on while measured faster than loading on demand (PrefetchSwitch)
     store: str = "disk"  # "disk" (the checkpoint's safetensors) or "host"; host when no checkpoint is given
     lookahead: int = 16  # scheduler steps simulated for belady
     prefetch_depth: int = 2  # layers loaded ahead of the one computing
@@ -73,22 +75,6 @@ class Completion:
     experts: list[int]  # the pre-gated expert of every generated token
 
 
-def resolve_prefetch(cfg: EngineConfig, device: torch.device) -> tuple[bool, str]:
-    """Prefetch pays only where a copy overlaps compute: a GPU's copy engine or a (real or emulated) link.
-    On shared CPU cores a loader thread competes with compute for the same cores."""
-    if cfg.capacity is None:
-        return False, "every expert is resident: nothing to load"
-    if isinstance(cfg.prefetch, bool):
-        return cfg.prefetch, "set explicitly"
-    if cfg.prefetch != "auto":
-        raise UserError(f"prefetch must be auto, on or off, not '{cfg.prefetch}'")
-    if device.type == "cuda":
-        return True, "auto: a GPU copies experts while it computes"
-    if cfg.link_gbps is not None:
-        return True, "auto: loads wait on a host->accelerator link, which a copy overlaps with compute"
-    return False, "auto: on CPU cores a loader thread competes with compute"
-
-
 def eos_ids(moe, tokenizer) -> set[int]:
     """Every id that ends generation: the tokenizer's EOS and the generation config's (chat models add <|im_end|>)."""
     ids: set[int] = set()
@@ -117,8 +103,9 @@ class Engine:
         kind = cfg.store if checkpoint is not None else "host"
         device = next(moe.parameters()).device
         store = ExpertStore(moe, checkpoint, kind, device=device, link_gbps=cfg.link_gbps)
-        self.prefetch, self.prefetch_reason = resolve_prefetch(cfg, device)
-        self.cache = ExpertCache(store, cfg.capacity or moe.num_experts, cfg.policy, prefetch=self.prefetch)
+        mode, self.prefetch_reason = resolve_prefetch(cfg.prefetch, cfg.capacity, cfg.link_gbps, device)
+        self.switch = PrefetchSwitch() if mode == "measure" else None
+        self.cache = ExpertCache(store, cfg.capacity or moe.num_experts, cfg.policy, prefetch=bool(mode))
         if cfg.capacity is None:
             self.cache.warm()  # every expert resident: no loads while serving
         self.runner = StepRunner(moe, self._expert, slots=cfg.max_running, max_len=cfg.max_model_len)
@@ -225,12 +212,16 @@ class Engine:
         out = self.schedule()
         if not out.chunks:
             return []
+        if self.switch is not None:
+            self.cache.enabled = self.switch.next_step()
         t0 = time.perf_counter()
         blocked0 = self.cache.blocked_s
         left_before = sum(len(r.pending) for r in self.running) + sum(len(r.pending) for r in self.waiting)
         segs, logits = self.execute(out)
         finished = self.update_from_output(out, segs, logits)
         dt = time.perf_counter() - t0
+        if self.switch is not None:
+            self.switch.observe(dt, out.num_tokens)
         self.cost.observe(out.num_tokens, len(self.access_log[-1]), max(0.0, dt - (self.cache.blocked_s - blocked0)))
         self.now += dt
         for r in self.running:

@@ -108,8 +108,10 @@ class ExpertCache:
         self.ahead: Sequence[int] = []
         self._upcoming: Sequence[int] = []
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
+        self.enabled = prefetch  # False: the loader thread idles and loads happen inline (switched per step)
         self.hits = self.misses = 0
         self.load_s = 0.0  # time spent copying experts (in the loader thread or inline)
+        self.inline_s = 0.0  # of which inline, on the compute thread
         self.wait_s = 0.0  # time the compute thread spent blocked on loads
         self.prefetched: list[set[int]] = [set() for _ in range(L)]  # loaded ahead for an access not yet made
 
@@ -141,10 +143,12 @@ class ExpertCache:
             victim = self._victim(layer, keep)
             del res[victim]
             self.prefetched[layer].discard(victim)
-        if self.pool is not None:
+        if self.pool is not None and self.enabled:
             res[expert] = self.pool.submit(self._timed_load, layer, expert)
         else:
+            t = time.perf_counter()
             res[expert] = self._timed_load(layer, expert)
+            self.inline_s += time.perf_counter() - t
 
     # -------------------------------------------------------------- use
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
@@ -152,7 +156,7 @@ class ExpertCache:
 
         Only into free slots or over experts this step does not need, so prefetching never evicts what the
         step is about to use and makes exactly the loads on-demand loading would make, earlier."""
-        if self.pool is None or layer >= len(self.resident):
+        if self.pool is None or not self.enabled or layer >= len(self.resident):
             return
         res, needed = self.resident[layer], set(experts)
         self._upcoming = list(experts)
@@ -201,7 +205,7 @@ class ExpertCache:
     @property
     def blocked_s(self) -> float:
         """Time the compute thread has spent on loads: waiting for the loader, or loading inline without one."""
-        return self.wait_s + (self.load_s if self.pool is None else 0.0)
+        return self.wait_s + self.inline_s
 
     @property
     def hit_ratio(self) -> float:

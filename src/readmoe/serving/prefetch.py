@@ -1,0 +1,73 @@
+"""Whether to prefetch experts: decided by where loads can overlap compute, then by measurement.
+
+Prefetch pays only where a copy runs beside compute: a GPU's copy engine, or a link whose
+transfer time a loader thread can wait out. On a CPU with no link the loader's memcpy runs on
+the cores the step needs, so `auto` stays off there. Where it could pay, whether it does depends
+on the machine and the load (a loader thread still takes the GIL and memory bandwidth), so `auto`
+measures: it alternates windows of steps with prefetch on and off, keeps the faster by median
+seconds per token, and probes again every `every` steps, since load and batch mix drift.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import UserError
+
+
+def resolve_prefetch(prefetch: bool | str, capacity: int | None, link_gbps: float | None,
+                     device: torch.device) -> tuple[bool | str, str]:
+    """(True, False or "measure", why). "measure": a loader thread is started and `PrefetchSwitch` decides."""
+    if capacity is None:
+        return False, "every expert is resident: nothing to load"
+    if isinstance(prefetch, bool):
+        return prefetch, "set explicitly"
+    if prefetch != "auto":
+        raise UserError(f"prefetch must be auto, on or off, not '{prefetch}'")
+    if device.type == "cuda":
+        return "measure", "auto: a GPU can copy experts while it computes; kept on while measured faster"
+    if link_gbps is not None:
+        return "measure", "auto: loads wait on a link, which a loader thread can overlap; kept on while measured faster"
+    return False, "auto: on CPU cores a loader thread competes with compute"
+
+
+@dataclass
+class PrefetchSwitch:
+    """Explore-then-exploit over {on, off}: `rounds` windows of `window` steps each way, then the faster
+    (median step seconds per token) until the next probe `every` steps later."""
+
+    window: int = 8
+    rounds: int = 2
+    every: int = 256
+    on: bool = True
+    decisions: list[dict] = field(default_factory=list)  # (step, choice, medians): the report's "why"
+    _step: int = 0
+    _probe_start: int = 0
+    _samples: dict = field(default_factory=lambda: {True: [], False: []})
+
+    def _probing(self) -> bool:
+        return self._step - self._probe_start < 2 * self.rounds * self.window
+
+    def next_step(self) -> bool:
+        """Prefetch in the coming step?"""
+        if self._probing():
+            self.on = ((self._step - self._probe_start) // self.window) % 2 == 0
+        return self.on
+
+    def observe(self, seconds: float, tokens: int) -> None:
+        """The step just run: its wall time (loads waited for included) and its token count."""
+        probing = self._probing()
+        if probing and tokens > 0:
+            self._samples[self.on].append(seconds / tokens)
+        self._step += 1
+        if probing and not self._probing():  # the probe just ended: decide
+            med = {k: statistics.median(v) if v else float("inf") for k, v in self._samples.items()}
+            self.on = med[True] < med[False]
+            self.decisions.append({"step": self._step, "on": self.on, "on_s_per_token": med[True],
+                                   "off_s_per_token": med[False]})
+            self._samples = {True: [], False: []}
+        elif not probing and self._step - self._probe_start >= self.every:
+            self._probe_start = self._step
