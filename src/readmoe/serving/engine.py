@@ -221,7 +221,7 @@ class Engine:
         finished = self.update_from_output(out, segs, logits)
         dt = time.perf_counter() - t0
         if self.switch is not None:
-            self.switch.observe(dt, out.num_tokens)
+            self.switch.observe(dt, self.cost.step_s(out.num_tokens, len(self.access_log[-1])))
         self.cost.observe(out.num_tokens, len(self.access_log[-1]), max(0.0, dt - (self.cache.blocked_s - blocked0)))
         self.now += dt
         for r in self.running:
@@ -257,7 +257,7 @@ class Engine:
         self.access_log.append(order)
         if self.cache.policy == "belady" and self.cfg.capacity is not None:
             ahead = lookahead(self.sched, self.running, self.cfg.lookahead)
-            self._ahead = [e for s in ahead for e in sorted(s)]
+            self._ahead = [e for s in ahead for e in s]
         self.cache.ahead = self._ahead
         for l in range(self.cfg.prefetch_depth + 1):  # a no-op without a prefetcher
             self.cache.prefetch(l, order)

@@ -4,8 +4,11 @@ Prefetch pays only where a copy runs beside compute: a GPU's copy engine, or a l
 transfer time a loader thread can wait out. On a CPU with no link the loader's memcpy runs on
 the cores the step needs, so `auto` stays off there. Where it could pay, whether it does depends
 on the machine and the load (a loader thread still takes the GIL and memory bandwidth), so `auto`
-measures: it alternates windows of steps with prefetch on and off, keeps the faster by median
-seconds per token, and probes again every `every` steps, since load and batch mix drift.
+measures: it alternates windows of steps with prefetch on and off, keeps the one whose steps
+ran faster relative to the step cost model's prediction for their size (tokens, experts), and
+probes again every `every` steps, since load and batch mix drift. Normalising by the prediction
+matters: a window that happens to hold prompt chunks has more tokens per step, and seconds per
+token would credit that to the setting instead of the batch.
 """
 
 from __future__ import annotations
@@ -36,20 +39,25 @@ def resolve_prefetch(prefetch: bool | str, capacity: int | None, link_gbps: floa
 
 @dataclass
 class PrefetchSwitch:
-    """Explore-then-exploit over {on, off}: `rounds` windows of `window` steps each way, then the faster
-    (median step seconds per token) until the next probe `every` steps later."""
+    """Explore-then-exploit over {on, off}: after `warmup` steps (the cost model fits), `rounds` windows of
+    `window` steps each way, alternating, then the faster (median of measured / predicted step time) until the
+    next probe `every` steps later."""
 
-    window: int = 8
-    rounds: int = 2
+    window: int = 4
+    rounds: int = 4
     every: int = 256
+    warmup: int = 16
     on: bool = True
     decisions: list[dict] = field(default_factory=list)  # (step, choice, medians): the report's "why"
     _step: int = 0
     _probe_start: int = 0
     _samples: dict = field(default_factory=lambda: {True: [], False: []})
 
+    def __post_init__(self):
+        self._probe_start = self.warmup
+
     def _probing(self) -> bool:
-        return self._step - self._probe_start < 2 * self.rounds * self.window
+        return 0 <= self._step - self._probe_start < 2 * self.rounds * self.window
 
     def next_step(self) -> bool:
         """Prefetch in the coming step?"""
@@ -57,17 +65,18 @@ class PrefetchSwitch:
             self.on = ((self._step - self._probe_start) // self.window) % 2 == 0
         return self.on
 
-    def observe(self, seconds: float, tokens: int) -> None:
-        """The step just run: its wall time (loads waited for included) and its token count."""
+    def observe(self, seconds: float, predicted: float) -> None:
+        """The step just run: its wall time (loads waited for included) and the cost model's prediction of its
+        compute time from its size."""
         probing = self._probing()
-        if probing and tokens > 0:
-            self._samples[self.on].append(seconds / tokens)
+        if probing and predicted > 0:
+            self._samples[self.on].append(seconds / predicted)
         self._step += 1
         if probing and not self._probing():  # the probe just ended: decide
             med = {k: statistics.median(v) if v else float("inf") for k, v in self._samples.items()}
             self.on = med[True] < med[False]
-            self.decisions.append({"step": self._step, "on": self.on, "on_s_per_token": med[True],
-                                   "off_s_per_token": med[False]})
+            self.decisions.append({"step": self._step, "on": self.on, "on_vs_predicted": med[True],
+                                   "off_vs_predicted": med[False]})
             self._samples = {True: [], False: []}
-        elif not probing and self._step - self._probe_start >= self.every:
+        elif not probing and self._step - self._probe_start >= self.every:  # probe again
             self._probe_start = self._step

@@ -222,8 +222,10 @@ class _Sim:
         return self.prompt_left > 0
 
 
-def lookahead(sched: Scheduler, reqs: Sequence, steps: int) -> list[set[int]]:
-    """The expert sets of the next `steps` batches if nothing new arrives, simulated on copies of the queues.
+def lookahead(sched: Scheduler, reqs: Sequence, steps: int) -> list[list[int]]:
+    """The experts of the next `steps` batches if nothing new arrives, simulated on copies of the queues, each
+    batch's in the order its layers will use them (first use in the flat batch, as the step runner visits them):
+    Belady ranks experts by their next use, and within a step that order decides it.
 
     A decoding request is assumed to keep its last expert (tokens usually do) until its max_tokens."""
     sims = [_Sim(r.rid, r.arrival_s, list(r.pending_experts), r.waited, max(0, len(r.prompt_ids) - r.processed),
@@ -234,11 +236,11 @@ def lookahead(sched: Scheduler, reqs: Sequence, steps: int) -> list[set[int]]:
         chunks = sched.schedule(sims)
         if not chunks:
             break
-        used = set()
+        used: dict[int, None] = {}
         ran = {c.req.rid for c in chunks}
         for c in chunks:
             s = c.req
-            used.update(s.pending_experts[:c.n])
+            used.update(dict.fromkeys(s.pending_experts[:c.n]))
             last[s.rid] = s.pending_experts[c.n - 1]
             del s.pending_experts[:c.n]
             s.prompt_left = max(0, s.prompt_left - c.n)
@@ -246,5 +248,5 @@ def lookahead(sched: Scheduler, reqs: Sequence, steps: int) -> list[set[int]]:
                 s.decode_left -= 1
                 s.pending_experts.append(last[s.rid])
         age(sims, ran)
-        out.append(used)
+        out.append(list(used))
     return out
