@@ -150,6 +150,24 @@ def test_lookahead_predicts_the_next_batches():
                                           for e in c.req.pending_experts[:c.n]))  # first-use order
 
 
+def test_lookahead_keeps_the_requests_decoding_in_the_current_step():
+    """A decoding request's one queued token is taken by the step about to run; the lookahead must still see the
+    token that step samples (assumed on the same expert), or the whole decode load vanishes from Belady's future."""
+    class R(Q):
+        def __init__(self, rid, prompt, out_done, max_tokens):
+            super().__init__(rid, [], prefill=False)
+            self.prompt_ids, self.processed = [0] * prompt, prompt + out_done - 1
+            self.output_ids = [0] * out_done
+            self.params = SamplingParams(max_tokens=max_tokens)
+            self.finished = False
+
+    sched = make_scheduler("decode-first", 8, 8)
+    reqs = [R(0, 4, 2, 10), R(1, 3, 5, 7), R(2, 5, 9, 10)]  # r1 has one output left after this step, r2 none
+    ahead = lookahead(sched, reqs, 3, running_now={0: (1, 2), 1: (1, 4), 2: (1, 0)})
+    assert ahead == [[2, 4], [2], [2]]  # decode-first order; r0 keeps going
+    assert lookahead(sched, reqs, 3) == []  # without the step's tokens nothing is queued
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     moe = tiny_moe()

@@ -256,7 +256,8 @@ class Engine:
         order = first_use_order(segs)
         self.access_log.append(order)
         if self.cache.policy == "belady" and self.cfg.capacity is not None:
-            ahead = lookahead(self.sched, self.running, self.cfg.lookahead)
+            now = {c.req.rid: (len(seg.experts), seg.experts[-1]) for c, seg in zip(out.chunks, segs)}
+            ahead = lookahead(self.sched, self.running, self.cfg.lookahead, now)
             self._ahead = [e for s in ahead for e in s]
         self.cache.ahead = self._ahead
         for l in range(self.cfg.prefetch_depth + 1):  # a no-op without a prefetcher

@@ -222,14 +222,29 @@ class _Sim:
         return self.prompt_left > 0
 
 
-def lookahead(sched: Scheduler, reqs: Sequence, steps: int) -> list[list[int]]:
+def lookahead(sched: Scheduler, reqs: Sequence, steps: int,
+              running_now: dict[int, tuple[int, int]] | None = None) -> list[list[int]]:
     """The experts of the next `steps` batches if nothing new arrives, simulated on copies of the queues, each
     batch's in the order its layers will use them (first use in the flat batch, as the step runner visits them):
     Belady ranks experts by their next use, and within a step that order decides it.
 
-    A decoding request is assumed to keep its last expert (tokens usually do) until its max_tokens."""
-    sims = [_Sim(r.rid, r.arrival_s, list(r.pending_experts), r.waited, max(0, len(r.prompt_ids) - r.processed),
-                 r.params.max_tokens - len(r.output_ids)) for r in reqs if not r.finished]
+    `running_now` maps each request in the step about to run to (tokens taken, expert of the last one): those
+    are no longer queued, and a request whose queue they emptied samples a token at the end of the step. That
+    token, and every later one, is assumed to keep the last expert (tokens usually do)."""
+    now = running_now or {}
+    sims = []
+    for r in reqs:
+        if r.finished:
+            continue
+        n, last_e = now.get(r.rid, (0, None))
+        prompt_left = max(0, len(r.prompt_ids) - r.processed - n)
+        decode_left = r.params.max_tokens - len(r.output_ids)
+        pending = list(r.pending_experts)
+        if not pending and last_e is not None and prompt_left == 0:
+            decode_left -= 1  # the step's last token yields an output ...
+            if decode_left >= 1:
+                pending = [last_e]  # ... which is queued for the next step
+        sims.append(_Sim(r.rid, r.arrival_s, pending, r.waited, prompt_left, decode_left))
     last = {r.rid: (r.pending_experts[-1] if r.pending_experts else None) for r in reqs}
     out = []
     for _ in range(steps):
