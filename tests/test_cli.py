@@ -96,3 +96,35 @@ def test_unreachable_hub_id_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without the hub sees, without waiting on retries
     fails(monkeypatch, capsys, "hub id could not be fetched", "calibrate", "--model", "someone/no-such-model",
           "--out", tmp_path / "s")
+
+
+def test_dtype_flag(tmp_path, dense_dir, workflow, monkeypatch, capsys):
+    """--dtype bfloat16 carves a bf16 checkpoint that generates; a bad value is one line naming the flag."""
+    from safetensors import safe_open
+
+    stats, _ = workflow
+    out = tmp_path / "bf16"
+    code, _, err = run(monkeypatch, capsys, "carve", "--model", dense_dir, "--stats", stats, "--out", out,
+                       "--dtype", "bfloat16")
+    assert code == 0, err
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} - {"I64", "BOOL"} == {"BF16"}
+    code, text, err = run(monkeypatch, capsys, "generate", "--model", out, "--prompt", "def f", "--max-tokens", 4,
+                          "--dtype", "bfloat16")
+    assert code == 0 and text.strip(), err
+    fails(monkeypatch, capsys, "--dtype must be one of auto, float32, bfloat16, float16", "generate", "--model", out,
+          "--prompt", "x", "--dtype", "float64")
+
+
+def test_auto_dtype_follows_the_hardware(monkeypatch):
+    import torch
+
+    from readmoe import dtype
+
+    monkeypatch.setattr(dtype, "cpu_has_bf16_units", lambda: True)
+    assert dtype.resolve("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(dtype, "cpu_has_bf16_units", lambda: False)
+    assert dtype.resolve("auto", "cpu") == torch.float32
+    assert dtype.resolve("float16", "cpu") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        dtype.resolve("fp8")

@@ -380,3 +380,28 @@ def test_auto_prefetch_measures_behind_a_link_and_stays_off_on_cpu_cores(served)
                 sw = eng.switch
                 assert sw is not None and sw.decisions and eng.cache.enabled == sw.decisions[-1]["on"]
     assert outs["auto"] == outs[False]  # switching the loader on and off never changes what is computed
+
+
+@pytest.mark.parametrize("capacity", [None, 1])
+def test_engine_in_bf16_matches_the_hf_model_in_bf16(served, capacity):
+    """The engine serves a bf16 copy of an fp32 checkpoint (experts read from disk are cast on load): its prompt
+    log-probabilities match the HF model's in bf16 at bf16's tolerance, and greedy decoding runs to length."""
+    import copy
+
+    moe, d = served
+    bf = copy.deepcopy(moe).to(torch.bfloat16)
+    with Engine(bf, EngineConfig(capacity=capacity, prefetch=False), checkpoint=d) as eng:
+        assert eng.runner.kv.buf.dtype == torch.bfloat16
+        reqs = [eng.submit(p, SamplingParams(max_tokens=5, prompt_logprobs=0, ignore_eos=True)) for p in PROMPTS]
+        while eng.has_work():
+            eng.step()
+        if capacity is not None:
+            assert eng.cache.store.bytes_loaded > 0 and all(
+                w.dtype == torch.bfloat16 for res in eng.cache.resident for ws in res.values() for w in ws)
+    for p, r in zip(PROMPTS, reqs):
+        with torch.no_grad():
+            want = torch.log_softmax(bf(torch.tensor([p])).logits[0].float(), -1)
+        got = torch.tensor([lp.logprob for lp in r.prompt_logprobs[1:]])
+        want = want[torch.arange(len(p) - 1), torch.tensor(p[1:])]
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.01)
+        assert len(r.output_ids) == 5 and r.finish_reason == "length"

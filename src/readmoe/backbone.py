@@ -137,15 +137,24 @@ def text_config(model: nn.Module):
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
-def fingerprint(model: nn.Module) -> str:
-    """Identity of a dense model: shapes plus a few weight values, so stats from another model are caught."""
+def fingerprint(model: nn.Module, as_bf16: bool = False) -> str:
+    """Identity of a dense model: shapes plus a few weight values, so stats from another model are caught.
+    `as_bf16`: of the values rounded to bf16, which an fp32 model and its bf16 copy share."""
     h = hashlib.sha256()
     cfg = text_config(model)
     h.update(f"{cfg.model_type}:{cfg.num_hidden_layers}:{cfg.hidden_size}:{cfg.intermediate_size}:{cfg.vocab_size}".encode())
     for m in mlps(model)[:: max(1, len(mlps(model)) // 4)]:
-        w = m.down_proj.weight.detach().float()
+        w = m.down_proj.weight.detach()
+        w = (w.to(torch.bfloat16) if as_bf16 else w).float()
         h.update(w.flatten()[:: max(1, w.numel() // 257)][:256].numpy().round(5).tobytes())
     return h.hexdigest()[:16]
+
+
+def same_model(recorded, model: nn.Module) -> bool:
+    """Whether fingerprints recorded from a model (its own, and its bf16 one where recorded) identify `model` in
+    whatever dtype each was loaded: fp32 stats carve a bf16 model, a bf16 carve trains with an fp32 teacher."""
+    recorded = {recorded} if isinstance(recorded, str) else {r for r in recorded if r}
+    return bool(recorded & {fingerprint(model), fingerprint(model, as_bf16=True)})
 
 
 def env_threads() -> None:

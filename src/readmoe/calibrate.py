@@ -121,6 +121,8 @@ def calibrate(model, tokenizer, corpus: Corpus, domains: list[str], samples: int
         raise UserError(f"--seq-len {seq_len} exceeds the model's context window ({max_pos})")
     fp = backbone.fingerprint(model)
     params = {"samples": samples, "seq_len": seq_len, "corpus": corpus.spec, "sketch_dim": SKETCH_DIM}
+    # recorded beside the fingerprint, so a bf16 load of the same parent is recognised (backbone.same_model)
+    ident = {"fingerprint_bf16": backbone.fingerprint(model, as_bf16=True)}
     rec = ActivationRecorder(model)
     done: dict[str, tuple[torch.Tensor, int]] = {}
     if out.exists():  # resume: keep finished domains of a compatible partial run
@@ -144,10 +146,10 @@ def calibrate(model, tokenizer, corpus: Corpus, domains: list[str], samples: int
             for b in bar:
                 rec.run(model, seqs[b:b + batch_size])
             done[d] = rec.take_mean()
-            save_stats(out, _stats(domains, done, rec, fp, params, complete=len(done) == len(domains)))
+            save_stats(out, _stats(domains, done, rec, fp, params | ident, complete=len(done) == len(domains)))
     finally:
         rec.close()
-    return _stats(domains, done, rec, fp, params, complete=True)
+    return _stats(domains, done, rec, fp, params | ident, complete=True)
 
 
 def _stats(domains, done, rec, fp, params, complete) -> Stats:

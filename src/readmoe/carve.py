@@ -122,7 +122,7 @@ def build_model(dense, sets: Sets, names: list[str], keep: float, mode: str, par
         model = _build_model(dense, sets, names, keep, mode, parent, router_dim, routing)
     if scores is not None:
         model.neuron_scores.copy_(scores)
-    return model
+    return model.to(next(dense.parameters()).dtype)  # the router and buffers too: one dtype, as the parent's
 
 
 def neuron_scores(stats: Stats) -> torch.Tensor:
@@ -202,7 +202,8 @@ def check_stats_match(stats: Stats, dense) -> None:
     fp = backbone.fingerprint(dense)
     L = len(backbone.mlps(dense))
     I = backbone.mlps(dense)[0].down_proj.in_features
-    if stats.fingerprint != fp or tuple(stats.mean.shape[1:]) != (L, I):
+    recorded = {stats.fingerprint, stats.meta.get("fingerprint_bf16")}
+    if not backbone.same_model(recorded, dense) or tuple(stats.mean.shape[1:]) != (L, I):
         raise UserError(f"stats were computed on another model (shape {tuple(stats.mean.shape[1:])}, fingerprint "
                         f"{stats.fingerprint}) than this one ({(L, I)}, {fp}); re-run `readmoe calibrate` with this --model")
     if not stats.complete:

@@ -15,7 +15,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Refactor a dense LLM into a router-decoupled Mixture-of-Experts (Read-ME) and serve it.")
 
 MODEL_HELP = "'embedded' (SmolLM2-135M), 'embedded:gemma3', a local HF checkpoint dir, a .gguf file, or a hub id"
+DTYPE_HELP = "model dtype: auto (bf16 on CUDA and on CPUs with bf16 matrix units, else fp32), float32, bfloat16, float16"
 CORPUS_HELP = "'embedded' (wiki, news, books, code, docs) or a directory with one sub-directory or file per domain"
+
+
+def _dtype(value: str, device=None):
+    """--dtype as a torch dtype; a bad value is a one-line error naming the flag."""
+    from . import dtype
+
+    try:
+        return dtype.resolve(value, device)
+    except ValueError:
+        raise UserError(f"--dtype must be one of {', '.join(dtype.DTYPES)}, not '{value}'") from None
 
 
 def _domains(arg: Optional[str]) -> Optional[list[str]]:
@@ -31,6 +42,7 @@ def calibrate(
     seq_len: int = typer.Option(512, help="tokens per sequence"),
     domains: Optional[str] = typer.Option(None, help="comma-separated subset of the corpus's domains"),
     batch_size: int = typer.Option(4, help="sequences per forward"),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP + "; statistics accumulate in fp64 whatever it is"),
 ):
     """Record per-domain mean |activation| of every MLP neuron (the input of down_proj). Resumable."""
     from . import backbone
@@ -42,7 +54,7 @@ def calibrate(
     c = Corpus(corpus)
     names = c.select(_domains(domains))
     backbone.env_threads()
-    dense, tok = backbone.load_dense(model)
+    dense, tok = backbone.load_dense(model, _dtype(dtype))
     st = run(dense, tok, c, names, samples, seq_len, out, batch_size=batch_size)
     typer.echo(f"wrote {out}: {len(st.domains)} domains, {sum(st.tokens):,} tokens")
 
@@ -57,6 +69,7 @@ def carve(
     router_dim: Optional[int] = typer.Option(None, help="router width (default 128, 512 for hidden >= 2048)"),
     overwrite: bool = typer.Option(False, help="write into a directory holding other files, replacing only the files "
                                               "this command writes (unknown files are never deleted)"),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP + "; the checkpoint is written in it"),
 ):
     """Carve a shared expert + one routed expert per domain and write an HF checkpoint."""
     from . import backbone
@@ -66,7 +79,7 @@ def carve(
     check_keep(keep)
     st = load_stats(stats)
     backbone.env_threads()
-    dense, tok = backbone.load_dense(model)
+    dense, tok = backbone.load_dense(model, _dtype(dtype))
     carve_and_save(dense, tok, model, st, keep, out, experts, router_dim, overwrite=overwrite)
 
 
@@ -115,6 +128,7 @@ def eval_(
     baselines: str = typer.Option("none", help="'all', 'none' or a list of pruned,layerwise: trained with the model's "
                                               "own budget into MODEL/baselines/ (resumable), then evaluated"),
     mmlu: str = typer.Option("1000", help="MMLU questions (seeded subset) for dense, readme and pruned; 'all' or 'none'"),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP + " (default float32: the reference numbers)"),
 ):
     """The quality report: per-domain perplexity of the MoE against the dense parent and baselines, MMLU,
     router accuracy and cost, routing statistics, parameters."""
@@ -130,11 +144,12 @@ def eval_(
     c = Corpus(corpus)
     names = c.select(_domains(domains))
     backbone.env_threads()
-    moe, tok = load_readme(str(model))
+    dt = _dtype(dtype)
+    moe, tok = load_readme(str(model), dt)
     parent = dense or moe.config.parent_model
     dm = None
     if parent and parent != "none":
-        dm, _ = backbone.load_dense(parent)
+        dm, _ = backbone.load_dense(parent, dt)
     elif wanted:
         raise UserError("baselines are built from the dense parent: drop --dense none or --baselines")
     import torch
@@ -273,6 +288,7 @@ def train(
     batch_tokens: Optional[int] = typer.Option(None, help="tokens per step"),
     domains: Optional[str] = typer.Option(None, help="comma-separated subset of the corpus's domains"),
     dense: Optional[str] = typer.Option(None, help="dense teacher (default: the parent recorded at carve time)"),
+    dtype: str = typer.Option("float32", help="float32, or bfloat16 / auto for bf16 autocast over fp32 master weights"),
 ):
     """Alternate router distillation from the dense parent and expert tuning; checkpoint after every phase."""
     from . import backbone
@@ -280,6 +296,7 @@ def train(
     from .modeling import load_readme
     from .targets import check_router
     from .train import check_pair, make_config, train as run
+    import torch
 
     cfg = make_config(budget, rounds=rounds, router_steps=router_steps, expert_steps=expert_steps, router_lr=router_lr,
                       expert_lr=expert_lr, lr_decay=lr_decay, seq_len=seq_len, batch_tokens=batch_tokens)
@@ -290,7 +307,7 @@ def train(
     check_router(moe)
     dm, _ = backbone.load_dense(dense or moe.config.parent_model)
     check_pair(moe, dm, tok)
-    hist = run(moe, dm, tok, c, names, cfg, out)
+    hist = run(moe, dm, tok, c, names, cfg, out, precision="bf16" if _dtype(dtype) == torch.bfloat16 else "no")
     last = [h for h in hist if h["phase"] == "router"][-1:]
     typer.echo(f"wrote {out}" + (f" (last router accuracy {100 * last[0]['router_acc']:.1f} %)" if last else ""))
 
@@ -301,6 +318,7 @@ def generate(
     prompt: str = typer.Option(..., help="text to continue"),
     max_tokens: int = typer.Option(32, help="tokens to generate"),
     expert: Optional[str] = typer.Option(None, help="force one routed expert (name or index) instead of the router"),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP + " (default float32: batch-1 decoding is fastest in it here)"),
 ):
     """Greedy generation with the MoE (KV cache, router cache)."""
     import torch
@@ -311,7 +329,7 @@ def generate(
     if max_tokens < 1:
         raise UserError("--max-tokens must be >= 1")
     backbone.env_threads()
-    moe, tok = load_readme(str(model))
+    moe, tok = load_readme(str(model), _dtype(dtype))
     kw = {}
     if expert is not None:
         names = list(moe.config.expert_names)
@@ -420,6 +438,7 @@ def bench_serve(
                                                         "expert loads (a CPU has none; prefetch hides it)"),
     corpus: str = typer.Option("embedded", help=CORPUS_HELP),
     dense: Optional[str] = typer.Option(None, help="dense parent to serve for comparison (default: recorded); 'none'"),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ):
     """Serve one workload with every scheduler x cache policy x capacity and write the report."""
     from . import backbone
@@ -441,7 +460,8 @@ def bench_serve(
         from .serving import EngineConfig
 
         return _bench_sweep(model, out, quick, schedulers, requests, corpus, dense,
-                            EngineConfig(token_budget=token_budget, max_running=max_running, max_wait=max_wait))
+                            EngineConfig(token_budget=token_budget, max_running=max_running, max_wait=max_wait),
+                            _dtype(dtype))
     cfg = BenchConfig(token_budget=token_budget, max_running=max_running, max_wait=max_wait, store=store, link_gbps=link_gbps,
                       workload=WorkloadConfig(requests=n, rate=rate, arrival=arrival), trace=str(trace) if trace else None)
     if quick:
@@ -450,11 +470,12 @@ def bench_serve(
     cfg.policies = _domains(policies) or cfg.policies
     cfg.capacities = _ints(capacities, "--capacities") or cfg.capacities
     backbone.env_threads()
-    moe, tok = load_readme(str(model))
+    dt = _dtype(dtype)
+    moe, tok = load_readme(str(model), dt)
     from .serving.step_runner import check_supported
 
     check_supported(moe)
-    data = bench(moe, model, tok, Corpus(corpus), _parent_on_engine(moe, dense), cfg, out)
+    data = bench(moe, model, tok, Corpus(corpus), _parent_on_engine(moe, dense, dt), cfg, out)
     from . import report
     from .serving.bench import summary_rows
 
@@ -467,19 +488,19 @@ def bench_serve(
     typer.echo(f"wrote {out}/report.json, report.md, access/*.jsonl and plots")
 
 
-def _parent_on_engine(moe, dense: Optional[str]):
+def _parent_on_engine(moe, dense: Optional[str], dtype):
     """The dense parent as a one-path engine model, or None when --dense none."""
     from . import backbone
 
     parent = dense or moe.config.parent_model
     if not parent or parent == "none":
         return None
-    d, _ = backbone.load_dense(parent)
+    d, _ = backbone.load_dense(parent, dtype)
     return dense_on_engine(d, moe)
 
 
 def _bench_sweep(model: Path, out: Path, quick: bool, schedulers: Optional[str], requests: Optional[int], corpus: str,
-                 dense: Optional[str], engine) -> None:
+                 dense: Optional[str], engine, dtype) -> None:
     from . import backbone, report
     from .corpus import Corpus
     from .modeling import load_readme
@@ -498,9 +519,9 @@ def _bench_sweep(model: Path, out: Path, quick: bool, schedulers: Optional[str],
             raise UserError("--requests must be >= 1")
         cfg.workload.requests = requests
     backbone.env_threads()
-    moe, tok = load_readme(str(model))
+    moe, tok = load_readme(str(model), dtype)
     check_supported(moe)
-    data = sweep(moe, model, tok, Corpus(corpus), _parent_on_engine(moe, dense), cfg, out)
+    data = sweep(moe, model, tok, Corpus(corpus), _parent_on_engine(moe, dense, dtype), cfg, out)
     h, rows = table(data)
     report.print_table(f"serving sweep (saturating rate {data['saturating_rate']:.2f} req/s)", h, rows)
     for goal, ok, measured in verdicts(data["goals"]):
@@ -531,6 +552,7 @@ def serve(
     link_gbps: Optional[float] = typer.Option(None, help="emulate a host->accelerator link of this many GB/s"),
     max_model_len: int = typer.Option(4096, help="longest request (prompt + output) in tokens; each running request "
                                                  "reserves KV for this many (on CPU only the tokens held use memory)"),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ):
     """Serve the MoE over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (SSE streaming),
     /v1/models, /health, /metrics (Prometheus), /tokenize, /detokenize."""
@@ -561,19 +583,20 @@ def serve(
     cfg = EngineConfig(scheduler=scheduler, token_budget=token_budget, max_running=max_running, max_wait=max_wait,
                        capacity=capacity, policy=policy, prefetch=modes[prefetch], store=store, link_gbps=link_gbps,
                        max_model_len=max_model_len)
+    dt = _dtype(dtype)
     backbone.env_threads()
     if dense:
         from .modeling import load_readme
         from .serving.engine import eos_ids
 
-        moe, tok = load_readme(str(model))
-        d, _ = backbone.load_dense(moe.config.parent_model)
+        moe, tok = load_readme(str(model), dt)
+        d, _ = backbone.load_dense(moe.config.parent_model, dt)
         dm = dense_on_engine(d, moe)
         del d
         check_supported(dm)
         engine = Engine(dm, cfg, eos_token_id=eos_ids(moe, tok), tokenizer=tok)
     else:
-        engine = Engine.from_pretrained(model, cfg)
+        engine = Engine.from_pretrained(model, cfg, dtype=dt)
         check_supported(engine.moe)
     name = served_model_name or (f"{model.resolve().name}-dense" if dense else model.resolve().name)
     app_ = build_app(EngineThread(engine, max_queued=max_queued), name, api_key)

@@ -109,11 +109,13 @@ def _load_weights(moe, out: Path) -> None:
         raise UserError(f"cannot resume from {out}: its weights do not match the model; delete it or choose another --out")
 
 
-def make_accelerator():
+def make_accelerator(precision: str = "no"):
+    """accelerate's Accelerator; precision "bf16" runs forwards under bf16 autocast, weights and optimizer in fp32."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     # experts a batch does not touch get no gradient: DDP must allow unused parameters
-    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    return Accelerator(mixed_precision=precision,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
 def _local(acc, idx: torch.Tensor) -> torch.Tensor:
@@ -225,13 +227,14 @@ def recovery_seqs(tok, corpus: Corpus, domains: list[str], cfg: TrainConfig, per
 
 
 def train(moe, dense, tok, corpus: Corpus, domains: list[str], cfg: TrainConfig, out: Path, progress: bool = True,
-          stop_after: int | None = None, targets_from: Path | None = None, accelerator=None) -> list[dict]:
+          stop_after: int | None = None, targets_from: Path | None = None, accelerator=None,
+          precision: str = "no") -> list[dict]:
     """Train in place and keep `out` (a checkpoint directory) current after every phase.
 
     Works for the MoE and for both baselines (a pruned model has no router phase; a layer-wise model trains its
     gates). `targets_from` reuses another run's cached teacher targets when they match. `stop_after` ends the
-    run after that many phases (tests use it to simulate a kill)."""
-    acc = accelerator or make_accelerator()
+    run after that many phases (tests use it to simulate a kill). `precision` "bf16": bf16 autocast, fp32 weights."""
+    acc = accelerator or make_accelerator(precision)
     out = Path(out)
     work = out / "train"
     work.mkdir(parents=True, exist_ok=True)
@@ -310,7 +313,7 @@ def saved_config(out: Path) -> tuple[TrainConfig, list[str], str] | None:
 
 def check_pair(moe, dense, tok) -> None:
     """The dense teacher and tokenizer must be the ones the MoE was carved from."""
-    if moe.config.parent_fingerprint and backbone.fingerprint(dense) != moe.config.parent_fingerprint:
+    if moe.config.parent_fingerprint and not backbone.same_model(moe.config.parent_fingerprint, dense):
         raise UserError("the dense model is not the parent this MoE was carved from; pass the right --dense")
     if len(tok) > moe.config.text_config.vocab_size:
         raise UserError(f"tokenizer has {len(tok)} tokens but the model's vocabulary is {moe.config.text_config.vocab_size}: "

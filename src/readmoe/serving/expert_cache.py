@@ -28,12 +28,13 @@ def expert_key(layer: int, expert: int, proj: str) -> str:
     return f"backbone.model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
 
 
-def _copy(w: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """An owned copy on `device`. On CPU through numpy: one thread, GIL released, so a loader thread does not
-    fight the compute thread for torch's intra-op threads."""
-    if device.type == "cpu" and w.dtype in (torch.float32, torch.float16):
+def _copy(w: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """An owned copy on `device` in the model's `dtype` (a checkpoint may be stored in another). On CPU through
+    numpy where no cast is needed: one thread, GIL released, so a loader thread does not fight the compute
+    thread for torch's intra-op threads."""
+    if device.type == "cpu" and w.dtype == dtype and w.dtype in (torch.float32, torch.float16):
         return torch.from_numpy(w.numpy().copy())
-    return w.to(device, non_blocking=True, copy=True)
+    return w.to(device, dtype, non_blocking=True, copy=True)
 
 
 class ExpertStore:
@@ -42,6 +43,7 @@ class ExpertStore:
     def __init__(self, model, checkpoint: str | Path | None = None, kind: str = "disk", device="cpu",
                  link_gbps: float | None = None):
         self.kind, self.device = kind, torch.device(device)
+        self.dtype = next(model.parameters()).dtype  # experts are served in the model's dtype
         # Emulated host->accelerator link: a load takes at least bytes / link_gbps, waited off the compute cores.
         # On a CPU-only machine a "load" is a page-cache memcpy that competes with compute for the same cores;
         # the link is what an offloading GPU server (the paper's setting) pays, and what prefetching can hide.
@@ -62,7 +64,8 @@ class ExpertStore:
                     self._host[l, e] = tuple(w.pin_memory() if torch.cuda.is_available() else w for w in ws)
         else:
             raise ValueError(f"unknown expert store '{kind}': use disk or host")
-        self.nbytes = {(l, e): sum(w.numel() * w.element_size() for w in self._source(l, e))
+        size = torch.empty((), dtype=self.dtype).element_size()
+        self.nbytes = {(l, e): sum(w.numel() * size for w in self._source(l, e))
                        for l in range(self.num_layers) for e in range(self.num_experts)}
         self.bytes_loaded = 0
         self._lock = threading.Lock()
@@ -75,7 +78,7 @@ class ExpertStore:
 
     def load(self, layer: int, expert: int, count: bool = True) -> tuple[torch.Tensor, ...]:
         t0 = time.perf_counter()
-        ws = tuple(_copy(w, self.device) for w in self._source(layer, expert))
+        ws = tuple(_copy(w, self.device, self.dtype) for w in self._source(layer, expert))
         n = self.nbytes[layer, expert]
         if count:
             with self._lock:
