@@ -1,9 +1,10 @@
-"""Engine decode-step time at several batch sizes, MoE against its dense parent, interleaved rounds.
+"""Engine decode-step time at several batch sizes: MoE against its dense parent, fp32 against bf16.
 
-Each round builds a fresh engine per (model, batch), prefills `batch` prompts of --context
-tokens, then times --tokens decode steps (all experts resident, decode-first). The report
-gives each variant's median step time over rounds with the min-max spread, and the MoE/dense
-ratio per round. Run: `python benchmarks/step.py --model runs/demo/model --out runs/step`.
+Each round builds a fresh engine per (dtype, model, batch), prefills `batch` prompts of --context
+tokens, then times --tokens decode steps (all experts resident, decode-first). Every variant runs
+once per round (interleaved), and the report gives each variant's median step time over rounds,
+and the median and min-max of the per-round ratios: dense/MoE per dtype, fp32/bf16 per model.
+Run: `python benchmarks/step.py --model runs/demo/model --out runs/step`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ import torch
 from readmoe import report
 from readmoe.backbone import load_dense
 from readmoe.modeling import load_readme
-from readmoe.cli import dense_on_engine
+from readmoe.pipeline import dense_on_engine
 from readmoe.serving.engine import Engine, EngineConfig
 from readmoe.serving.request import SamplingParams
 
@@ -38,40 +38,54 @@ def decode_ms(model, checkpoint, batch: int, context: int, tokens: int, vocab: i
     return 1000 * statistics.median(times)
 
 
+def ratio(num: list[float], den: list[float]) -> dict:
+    r = [a / b for a, b in zip(num, den)]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="runs/demo/model")
     ap.add_argument("--out", default="runs/step")
-    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--batches", default="1,16")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtypes", default="float32,bfloat16")
     a = ap.parse_args()
-    dtype = getattr(torch, a.dtype)
-    moe, _ = load_readme(a.model, dtype)
-    dense = dense_on_engine(load_dense(moe.config.parent_model, dtype)[0], moe).to(dtype)
+    dtypes = a.dtypes.split(",")
+    models = {}
+    for dt in dtypes:
+        moe, _ = load_readme(a.model, getattr(torch, dt))
+        models[dt] = {"moe": (moe, a.model), "dense": (dense_on_engine(load_dense(moe.config.parent_model,
+                                                                                  getattr(torch, dt))[0], moe), None)}
     vocab = moe.config.text_config.vocab_size
     batches = [int(b) for b in a.batches.split(",")]
     ms: dict[str, list[float]] = {}
     for _ in range(a.rounds):  # interleaved: every variant once per round
         for b in batches:
-            for name, m, ck in (("moe", moe, a.model), ("dense", dense, None)):
-                ms.setdefault(f"{name}.b{b}", []).append(decode_ms(m, ck, b, a.context, a.tokens, vocab))
-    rows, data = [], {"settings": vars(a) | {"threads": torch.get_num_threads()}, "ms": ms, "batches": {}}
+            for dt in dtypes:
+                for name, (m, ck) in models[dt].items():
+                    ms.setdefault(f"{dt}.{name}.b{b}", []).append(decode_ms(m, ck, b, a.context, a.tokens, vocab))
+    data = {"settings": vars(a) | {"threads": torch.get_num_threads()}, "ms": ms, "rows": []}
+    rows = []
     for b in batches:
-        ratios = [d / m for m, d in zip(ms[f"moe.b{b}"], ms[f"dense.b{b}"])]
-        data["batches"][b] = {"moe_ms": statistics.median(ms[f"moe.b{b}"]),
-                              "dense_ms": statistics.median(ms[f"dense.b{b}"]),
-                              "speedup": statistics.median(ratios), "speedup_min": min(ratios),
-                              "speedup_max": max(ratios)}
-        d = data["batches"][b]
-        rows.append([b, d["moe_ms"], d["dense_ms"], f"{d['speedup']:.2f}x ({d['speedup_min']:.2f}-{d['speedup_max']:.2f})"])
+        for dt in dtypes:
+            moe_ms, dense_ms = ms[f"{dt}.moe.b{b}"], ms[f"{dt}.dense.b{b}"]
+            row = {"batch": b, "dtype": dt, "moe_ms": statistics.median(moe_ms), "dense_ms": statistics.median(dense_ms),
+                   "dense_over_moe": ratio(dense_ms, moe_ms)}
+            if dt != "float32" and "float32" in dtypes:
+                row["moe_fp32_over_this"] = ratio(ms[f"float32.moe.b{b}"], moe_ms)
+                row["dense_fp32_over_this"] = ratio(ms[f"float32.dense.b{b}"], dense_ms)
+            data["rows"].append(row)
+            fmt = lambda r: f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})" if r else ""  # noqa: E731
+            rows.append([b, dt, row["moe_ms"], row["dense_ms"], fmt(row["dense_over_moe"]),
+                         fmt(row.get("moe_fp32_over_this")), fmt(row.get("dense_fp32_over_this"))])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(data, indent=1))
-    h = ["batch", "MoE step ms", "dense step ms", "dense/MoE (spread)"]
-    report.print_table(f"decode step, {a.dtype}, context {a.context}, {a.rounds} interleaved rounds", h, rows)
+    h = ["batch", "dtype", "MoE step ms", "dense step ms", "dense/MoE", "MoE fp32/this", "dense fp32/this"]
+    report.print_table(f"decode step, context {a.context}, {a.rounds} interleaved rounds (median, min-max)", h, rows)
     (out / "report.md").write_text(report.markdown_table(h, rows))
 
 

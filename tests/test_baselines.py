@@ -57,10 +57,9 @@ def test_layerwise_gates_route_per_layer_and_fixed_ids_match_the_moe():
     keep = [torch.cat([m.shared.neuron_idx, m.experts[e].neuron_idx]) for m, e in zip(moe.moe_layers(), (0, 2))]
     torch.testing.assert_close(moe(input_ids=ids, expert_ids=per_layer).logits, masked_dense_logits(dense, ids, keep))
     # the gates choose: the choice follows the gate weights
-    lw.routing.record = []
-    lw(input_ids=ids)
-    assert len(lw.routing.record) == 2 and lw.routing.record[0].shape == (2, 10, 3)
-    lw.routing.record = None
+    out = lw(input_ids=ids)
+    assert out.router_logits.shape == (2, 10, 2, 3) and torch.equal(out.expert_ids, out.router_logits.argmax(-1))
+    assert lw.routing.gate_logits is None and lw.routing.expert_ids is None  # nothing left behind
     with pytest.raises(ValueError, match="inside the backbone"):
         lw.route(ids)
 

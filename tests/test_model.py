@@ -43,9 +43,9 @@ def test_mixed_routing_equals_per_token_reference():
     eids = torch.randint(0, 3, (2, 9))
     mlp = moe.moe_layers()[0]
     x = torch.randn(2, 9, 32)
-    moe.routing.expert_ids = eids
-    got = mlp(x)
-    moe.routing.expert_ids = None
+    with moe.routing.use(eids):
+        got = mlp(x)
+    assert moe.routing.expert_ids is None  # scoped to the block
     ref = torch.stack([torch.stack([mlp.shared(x[b, t]) + mlp.experts[int(eids[b, t])](x[b, t]) for t in range(9)])
                        for b in range(2)])
     torch.testing.assert_close(got, ref)
@@ -137,3 +137,20 @@ def test_bad_expert_ids_rejected():
         moe(ids, expert_ids=2)
     with pytest.raises(ValueError, match="shape"):
         moe(ids, expert_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_routing_scope_nests_and_unwinds_on_error():
+    import pytest
+
+    from readmoe.moe import Routing
+
+    r, a, b = Routing(), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long)
+    with r.use(a):
+        with r.use(b) as gates:
+            assert r.expert_ids is b and gates == [] and r.gate_logits is gates
+        assert r.expert_ids is a  # the inner forward restored the outer one's ids
+    assert r.expert_ids is None and r.gate_logits is None
+    with pytest.raises(RuntimeError):
+        with r.use(a):
+            raise RuntimeError("forward failed")
+    assert r.expert_ids is None

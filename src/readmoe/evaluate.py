@@ -12,9 +12,11 @@ from .corpus import Corpus
 
 
 @torch.no_grad()
-def perplexity(model, seqs: torch.Tensor, expert_ids=None, batch_size: int = 2, desc: str | None = None) -> float:
+def perplexity(model, seqs: torch.Tensor, expert_ids=None, batch_size: int = 2, desc: str | None = None,
+               used: list[torch.Tensor] | None = None) -> float:
     """exp(mean next-token NLL) over the rows of `seqs` [N, T]. `expert_ids`: None (the model decides),
-    one int for every token, or a LongTensor [N, T] of per-token experts."""
+    one int for every token, or a LongTensor [N, T] of per-token experts. `used` collects the experts each
+    batch used, from the model's output."""
     nll, count = 0.0, 0
     dev = next(model.parameters()).device
     for b in tqdm(range(0, len(seqs), batch_size), desc=desc, disable=desc is None, leave=False):
@@ -22,7 +24,10 @@ def perplexity(model, seqs: torch.Tensor, expert_ids=None, batch_size: int = 2, 
         kw = {}
         if expert_ids is not None:
             kw["expert_ids"] = expert_ids[b:b + batch_size].to(dev) if torch.is_tensor(expert_ids) else expert_ids
-        nll += summed_nll(model(input_ids=x, use_cache=False, **kw).logits, x)
+        out = model(input_ids=x, use_cache=False, **kw)
+        nll += summed_nll(out.logits, x)
+        if used is not None:
+            used.append(out.expert_ids.cpu())
         count += x[:, 1:].numel()
     return math.exp(nll / max(count, 1))
 
@@ -73,14 +78,10 @@ def domain_perplexities(moe, dense, tokenizer, corpus: Corpus, domains: list[str
             total += oracle.numel()
         out["readme"][d] = perplexity(moe, seqs, routed, batch_size, desc=f"eval readme {d}")
         for name, model in baselines.items():
-            if getattr(model, "layerwise", False):  # record every layer's gate choice on the way
-                model.routing.record = []
-                out[name][d] = perplexity(model, seqs, None, batch_size, desc=f"eval {name} {d}")
-                rec = model.routing.record
-                model.routing.record = None
-                L = len(model.moe_layers())
-                choices["layerwise"][d] = torch.cat([torch.stack([r.argmax(-1).cpu() for r in rec[i:i + L]], -1)
-                                                     for i in range(0, len(rec), L)])
+            if getattr(model, "layerwise", False):  # every layer's gate choice, from the outputs
+                used: list[torch.Tensor] = []
+                out[name][d] = perplexity(model, seqs, None, batch_size, desc=f"eval {name} {d}", used=used)
+                choices["layerwise"][d] = torch.cat(used)
             else:
                 out[name][d] = perplexity(model, seqs, None, batch_size, desc=f"eval {name} {d}")
         out["domain_oracle"][d] = (perplexity(moe, seqs, names.index(d), batch_size, desc=f"eval domain-oracle {d}")

@@ -73,6 +73,9 @@ class ReadMEConfig(PreTrainedConfig):
 
 @dataclass
 class ReadMEOutput(ModelOutput):
+    """`router_logits`: the pre-gating router's [B, T, E], or a layer-wise model's gates [B, T, L, E];
+    `expert_ids`: the experts used, [B, T] (or [B, T, L] per layer)."""
+
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: object | None = None
@@ -198,13 +201,13 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
             expert_ids = router_logits.argmax(-1)
         else:
             expert_ids = self._expert_ids(expert_ids, input_ids)
-        self.routing.expert_ids = expert_ids
-        try:
+        with self.routing.use(expert_ids) as gate_logits:
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                                 use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
-        finally:
-            self.routing.expert_ids = None
+        if gate_logits:  # layer-wise gates chose: their logits [B, T, L, E] and choices [B, T, L], as Mixtral returns
+            router_logits = torch.stack(gate_logits, -2)
+            expert_ids = router_logits.argmax(-1)
         return ReadMEOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
                             router_logits=router_logits, router_cache=new_router_cache, expert_ids=expert_ids)
 

@@ -8,16 +8,33 @@ so cost follows the number of distinct experts, not the number of tokens.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 
 class Routing:
-    """Expert ids for the forward in flight, shared by every MoE layer of a model."""
+    """The expert ids of the forward in flight, shared by every MoE layer of one model.
+
+    Why a side channel at all: the backbone's HF decoder layers are reused unchanged, and they call their
+    MLP with the hidden state only, so per-token expert ids cannot travel as an argument. `use()` scopes them
+    to one forward and restores what was there before, so nested forwards neither clobber nor leak them."""
 
     def __init__(self):
         self.expert_ids: torch.Tensor | None = None  # LongTensor [B, T], or [B, T, L] for one path per layer
-        self.record: list[torch.Tensor] | None = None  # layer-wise gates append their logits here when set
+        self.gate_logits: list[torch.Tensor] | None = None  # layer-wise gates append their logits, layer by layer
+
+    @contextmanager
+    def use(self, expert_ids: torch.Tensor | None):
+        """Route one forward with `expert_ids` (None: layer-wise gates decide); yields the list the gates'
+        logits are appended to."""
+        before = self.expert_ids, self.gate_logits
+        self.expert_ids, self.gate_logits = expert_ids, []
+        try:
+            yield self.gate_logits
+        finally:
+            self.expert_ids, self.gate_logits = before
 
 
 class GatedMLP(nn.Module):
@@ -61,8 +78,8 @@ class ReadMEMLP(nn.Module):
         ids = self.routing.expert_ids
         if ids is None and self.gate is not None:
             logits = self.gate(x)
-            if self.routing.record is not None:
-                self.routing.record.append(logits)
+            if self.routing.gate_logits is not None:
+                self.routing.gate_logits.append(logits)
             ids = logits.argmax(-1)
         elif ids is None:
             raise RuntimeError("ReadMEMLP called without expert ids; call ReadMEForCausalLM, not its backbone")
