@@ -1,66 +1,11 @@
-"""Tiny random-weight backbones of two architectures, saved as real HF checkpoint directories."""
+"""Fixtures: tiny random-weight backbones of two architectures saved as real HF checkpoint directories, a corpus,
+and a calibrated + carved workflow. The helpers they use live in helpers.py."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-import readmoe  # noqa: F401  (registers the Auto classes)
-
-VOCAB = 260  # 256 byte symbols + specials
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer built offline: every byte is a token, no training needed."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<eos>"] = len(vocab)
-    vocab["<unk>"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-                                                 pre_tokenizers.Split("", "isolated")])
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
-                           num_key_value_heads=1, head_dim=16, max_position_embeddings=256, sliding_window=8,
-                           layer_types=["sliding_attention", "sliding_attention", "full_attention"])
-    m = Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():  # Gemma norms are (1 + w) with w = 0 at init: give them some signal
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.normal_(0, 0.3)
-    return m
-
-
-ARCHS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
-
-
-def tiny_moe():
-    """A tiny Llama carved into three experts whose router picks different experts for different tokens."""
-    from readmoe.carve import build_model, domain_sets
-
-    dense = tiny_llama()
-    L, I = len(dense.model.layers), dense.config.intermediate_size
-    sets = domain_sets(torch.rand(3, L, I, generator=torch.Generator().manual_seed(0)), 0.5)
-    moe = build_model(dense, sets, ["a", "b", "c"], 0.5, "domain", "test")
-    with torch.no_grad():
-        moe.router.head.weight.normal_(0, 1.0)
-    return moe
+from helpers import ARCHS, byte_tokenizer, run, tiny_llama
 
 
 @pytest.fixture(params=list(ARCHS))
@@ -97,43 +42,6 @@ def corpus_dir(tmp_path):
     return root
 
 
-def masked_dense_logits(dense, ids, keep_sets):
-    """The dense model with every down_proj input masked to the neurons in `keep_sets[layer]`."""
-    hooks = []
-    for layer, keep in zip(dense.model.layers, keep_sets):
-        mask = torch.zeros(layer.mlp.down_proj.in_features)
-        mask[keep] = 1.0
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, inp, k=mask: (inp[0] * k,)))
-    try:
-        return dense(ids).logits
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-# ---------------------------------------------------------------- running the CLI in-process
-def run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop whatever the test's own set-up printed
-    from readmoe import cli
-
-    monkeypatch.setattr(sys, "argv", ["readmoe", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def fails(monkeypatch, capsys, match, *args):
-    code, _, err = run(monkeypatch, capsys, *args)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
-    assert "Traceback" not in err
-
-
 @pytest.fixture
 def workflow(tmp_path, dense_dir, corpus_dir, monkeypatch, capsys):
     stats, model = tmp_path / "stats.safetensors", tmp_path / "moe"
@@ -143,46 +51,3 @@ def workflow(tmp_path, dense_dir, corpus_dir, monkeypatch, capsys):
     code, out, err = run(monkeypatch, capsys, "carve", "--model", dense_dir, "--stats", stats, "--keep", 0.5, "--out", model)
     assert code == 0, err
     return stats, model
-
-
-# ---------------------------------------------------------------- a live HTTP server on 127.0.0.1
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn in a thread of this process, so a test can look at the engine behind the HTTP API."""
-
-    def __init__(self, app, port: int | None = None):
-        import threading
-
-        import uvicorn
-
-        self.app, self.port = app, port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        import time
-
-        self.thread.start()
-        end = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < end and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(15)
-        assert not self.thread.is_alive(), "the server did not stop"

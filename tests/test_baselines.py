@@ -12,7 +12,7 @@ from readmoe.corpus import Corpus
 from readmoe.errors import UserError
 from readmoe.train import make_config, train
 
-from conftest import byte_tokenizer, masked_dense_logits, tiny_gemma3, tiny_llama
+from helpers import byte_tokenizer, masked_dense_logits, tiny_gemma3, tiny_llama
 
 CFG = dict(rounds=2, router_steps=15, expert_steps=3, seq_len=32, batch_tokens=128, pool_seqs=12, router_lr=1e-2, expert_lr=1e-3)
 

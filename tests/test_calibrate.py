@@ -6,7 +6,7 @@ import torch
 from readmoe.calibrate import calibrate, load_stats
 from readmoe.corpus import Corpus
 
-from conftest import byte_tokenizer, tiny_llama
+from helpers import byte_tokenizer, tiny_llama
 
 
 def test_stats_are_mean_abs_down_proj_input(corpus_dir, tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import byte_tokenizer, fails, run, tiny_llama
+from helpers import byte_tokenizer, fails, run, tiny_llama
 
 
 def test_workflow_calibrate_carve_eval_generate(workflow, tmp_path, corpus_dir, monkeypatch, capsys):

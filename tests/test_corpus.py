@@ -5,7 +5,7 @@ import pytest
 from readmoe.corpus import Corpus, assign_splits, chunk_hash, chunk_text, clean_wikitext
 from readmoe.errors import UserError
 
-from conftest import byte_tokenizer
+from helpers import byte_tokenizer
 
 
 def test_user_corpus_layouts(corpus_dir):

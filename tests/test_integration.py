@@ -9,7 +9,7 @@ import torch
 from readmoe import backbone
 from readmoe.modeling import load_readme
 
-from conftest import masked_dense_logits
+from helpers import masked_dense_logits
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +111,7 @@ def test_real_model_over_http(pipeline):
     from readmoe.serving import Engine, EngineConfig
     from readmoe.serving.engine_thread import EngineThread
 
-    from conftest import LiveServer
+    from helpers import LiveServer
 
     _, model, _ = pipeline
     eng = Engine.from_pretrained(model, EngineConfig(capacity=1))

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from readmoe.carve import build_model, domain_sets
 from readmoe.modeling import ReadMEForCausalLM
 
-from conftest import VOCAB, masked_dense_logits, tiny_llama
+from helpers import VOCAB, masked_dense_logits, tiny_llama
 
 
 def carve(dense, n_domains=3, keep=0.5, seed=0):

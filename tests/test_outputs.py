@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from readmoe.modeling import load_readme
 from readmoe.outdir import MANIFEST, read_manifest
 
-from conftest import fails, run
+from helpers import fails, run
 
 
 def snapshot(d: Path) -> dict[str, bytes]:

@@ -17,7 +17,7 @@ from readmoe.server import build_app
 from readmoe.serving import Engine, EngineConfig
 from readmoe.serving.engine_thread import EngineThread
 
-from conftest import CHAT_TEMPLATE, LiveServer, byte_tokenizer, free_port, tiny_moe
+from helpers import CHAT_TEMPLATE, LiveServer, byte_tokenizer, free_port, tiny_moe
 
 KEY = "sk-test"
 
@@ -325,7 +325,7 @@ def test_cli_serve_drains_on_sigterm(ckpt, tmp_path):
 
 
 def test_cli_serve_without_a_model_is_one_line(tmp_path, monkeypatch, capsys):
-    from conftest import fails
+    from helpers import fails
 
     monkeypatch.chdir(tmp_path)
     fails(monkeypatch, capsys, "make demo", "serve")

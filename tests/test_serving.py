@@ -10,7 +10,7 @@ from readmoe.serving import Engine, EngineConfig, SamplingParams
 from readmoe.serving.expert_cache import min_hits, simulate
 from readmoe.serving.scheduler import SCHEDULERS, lookahead, make_scheduler
 
-from conftest import tiny_moe
+from helpers import tiny_moe
 
 
 class Q:
@@ -266,7 +266,7 @@ def test_engine_bad_input(served):
 def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, capsys):
     import json
 
-    from conftest import fails, run
+    from helpers import fails, run
 
     _, model = workflow
     out = tmp_path / "serve"
@@ -310,7 +310,7 @@ def test_cli_bench_serve_sweep(workflow, corpus_dir, tmp_path, monkeypatch, caps
     the goals judged from those runs; one latency plot per memory setting and the throughput plot."""
     import json
 
-    from conftest import run
+    from helpers import run
 
     from readmoe.serving.sweep import MEMORY, QUICK_RATES
 

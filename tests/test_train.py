@@ -12,7 +12,7 @@ from readmoe.errors import UserError
 from readmoe.targets import distill_loss, expert_masks, oracle_labels, overlaps
 from readmoe.train import make_config, train
 
-from conftest import byte_tokenizer, fails, run, tiny_llama
+from helpers import byte_tokenizer, fails, run, tiny_llama
 
 
 def test_overlaps_hand_made():
