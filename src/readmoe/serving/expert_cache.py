@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -26,6 +27,17 @@ POLICIES = ("lru", "lfu", "random", "belady")
 
 def expert_key(layer: int, expert: int, proj: str) -> str:
     return f"backbone.model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+
+
+def _fused(gate: torch.Tensor, up: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """gate and up stacked into one owned [2 * size, hidden] matrix: one matmul instead of two per expert, which
+    matters on a CPU, where a small matmul costs mostly its call (50-70 us here whatever its size)."""
+    if device.type == "cpu" and gate.dtype == dtype and gate.dtype in (torch.float32, torch.float16):
+        return torch.from_numpy(np.concatenate([gate.numpy(), up.numpy()]))
+    out = torch.empty(gate.shape[0] + up.shape[0], gate.shape[1], dtype=dtype, device=device)
+    out[:gate.shape[0]].copy_(gate, non_blocking=True)
+    out[gate.shape[0]:].copy_(up, non_blocking=True)
+    return out
 
 
 def _copy(w: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -76,9 +88,11 @@ class ExpertStore:
             return tuple(self._file.get_tensor(expert_key(layer, expert, p)) for p in PROJ)
         return self._host[layer, expert]
 
-    def load(self, layer: int, expert: int, count: bool = True) -> tuple[torch.Tensor, ...]:
+    def load(self, layer: int, expert: int, count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert's weights on the compute device: (gate and up stacked [2 * size, hidden], down)."""
         t0 = time.perf_counter()
-        ws = tuple(_copy(w, self.device, self.dtype) for w in self._source(layer, expert))
+        g, u, d = self._source(layer, expert)
+        ws = (_fused(g, u, self.device, self.dtype), _copy(d, self.device, self.dtype))
         n = self.nbytes[layer, expert]
         if count:
             with self._lock:

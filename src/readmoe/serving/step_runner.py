@@ -126,26 +126,38 @@ class StepRunner:
         self.rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         model_max = getattr(tc, "max_position_embeddings", None)
         self.max_len = min(x for x in (max_len, model_max) if x) if (max_len or model_max) else 2048
-        self.expert_fn = expert_fn  # (layer, expert, rest of the step's experts) -> (gate, up, down) weights
+        self.expert_fn = expert_fn  # (layer, expert, rest of the step's experts) -> (gate+up stacked, down) weights
         self.on_layer = None  # called with the layer index before it runs (the prefetcher's hook)
         p = next(moe.parameters())
         self.dtype, self.device = p.dtype, p.device
         self.kv = KVCache(len(self.layers), slots, self.kv_heads, self.max_len, self.head_dim, self.dtype, self.device)
+        with torch.no_grad():  # the shared experts' gate and up stacked, as the expert store stacks the routed ones
+            self.shared_gu = [torch.cat([l.mlp.shared.gate_proj.weight, l.mlp.shared.up_proj.weight]) for l in self.layers]
 
     def new_kv(self) -> SeqKV:
         return self.kv.alloc()
 
+    @staticmethod
+    def _gated(x: torch.Tensor, gu: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
+        """down(act(gate x) * up x) with gate and up in one matmul."""
+        g, u = F.linear(x, gu).chunk(2, -1)
+        return F.linear(act(g) * u, down)
+
     def _mlp(self, l: int, x: torch.Tensor, ids: torch.Tensor, order: list[int]) -> torch.Tensor:
         mlp = self.layers[l].mlp
-        out = mlp.shared(x)
         act = mlp.shared.act_fn
+        sh = mlp.shared
+        if sh.gate_proj.bias is None and sh.up_proj.bias is None and sh.down_proj.bias is None:
+            out = self._gated(x, self.shared_gu[l], sh.down_proj.weight, act)
+        else:  # an MLP with biases (rare in Llama-style models): the module itself
+            out = sh(x)
         for j, e in enumerate(order):
             sel = (ids == e).nonzero().flatten()
-            g, u, d = self.expert_fn(l, e, order[j:])
-            if g.shape[0] == 0:
+            gu, d = self.expert_fn(l, e, order[j:])
+            if gu.shape[0] == 0:
                 continue
             xs = x.index_select(0, sel) if len(sel) < len(ids) else x
-            y = F.linear(act(F.linear(xs, g)) * F.linear(xs, u), d)
+            y = self._gated(xs, gu, d, act)
             if len(sel) < len(ids):
                 out.index_add_(0, sel, y)
             else:
