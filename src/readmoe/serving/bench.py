@@ -269,6 +269,11 @@ def summary_rows(data: dict):
     return h, rows
 
 
+def goals_markdown(judged: list[tuple[str, bool, str]]) -> str:
+    """The report's goal section: one line per goal, met or missed, with what was measured."""
+    return "\n## Goals\n\n" + "".join(f"- {'met' if ok else 'missed'}: {goal} ({m})\n" for goal, ok, m in judged)
+
+
 def write_markdown(data: dict, path: Path) -> None:
     from ..errors import atomic_write_text
 
@@ -280,8 +285,7 @@ def write_markdown(data: dict, path: Path) -> None:
           + (f" behind an emulated {s['link_gbps']} GB/s link" if s.get('link_gbps') else "") + f", "
           f"{s['threads']} threads. Latency is on the engine's clock (measured compute, idle gaps skipped).\n\n"
           + report.markdown_table(h, rows)
-          + "\n## Goals\n\n" + "".join(f"- {'met' if ok else 'missed'}: {goal} ({m})\n"
-                                         for goal, ok, m in verdicts(g, s.get("link_gbps")))
+          + goals_markdown(verdicts(g, s.get("link_gbps")))
           + "\n```json\n" + json.dumps(g, indent=1) + "\n```\n"
           + "\nBatch-1 decode step: " + ", ".join(f"{k} {v:.2f}" for k, v in data["batch1_decode"].items()) + "\n"
           + "\n![latency CDF](latency_cdf.png)\n![hit ratio](hit_ratio.png)\n![experts per batch](experts_per_batch.png)\n")

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import report
 from ..errors import atomic_write_json, atomic_write_text
-from .bench import summarize
+from .bench import goals_markdown, summarize
 from .engine import Engine, EngineConfig
 from .request import SamplingParams
 from .workload import WorkloadConfig, synthetic
@@ -195,7 +195,7 @@ def write_markdown(data: dict, path: Path) -> None:
           f"{', '.join(f'{f:g}x' for f in s['rates'])}. Engine defaults: token budget {e['token_budget']}, at most "
           f"{e['max_running']} running, cache policy {e['policy']}, prefetch {e['prefetch']}. Latency on the engine's "
           f"clock; {data['seconds']:.0f} s in all.\n\n" + report.markdown_table(h, rows)
-          + "\n## Goals\n\n" + "".join(f"- {'met' if ok else 'missed'}: {goal} ({m})\n" for goal, ok, m in verdicts(data["goals"]))
+          + goals_markdown(verdicts(data["goals"]))
           + "\n```json\n" + json.dumps(data["goals"], indent=1) + "\n```\n\n"
           + "".join(f"![{m}](latency_{m}.png)\n" for m in s["memory"]) + "![throughput](throughput.png)\n")
     atomic_write_text(path, md)
