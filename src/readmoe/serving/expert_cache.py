@@ -76,8 +76,7 @@ class ExpertStore:
                     self._host[l, e] = tuple(w.pin_memory() if torch.cuda.is_available() else w for w in ws)
         else:
             raise ValueError(f"unknown expert store '{kind}': use disk or host")
-        size = torch.empty((), dtype=self.dtype).element_size()
-        self.nbytes = {(l, e): sum(w.numel() * size for w in self._source(l, e))
+        self.nbytes = {(l, e): sum(w.numel() * self.dtype.itemsize for w in self._source(l, e))
                        for l in range(self.num_layers) for e in range(self.num_experts)}
         self.bytes_loaded = 0
         self._lock = threading.Lock()

@@ -245,7 +245,6 @@ def lookahead(sched: Scheduler, reqs: Sequence, steps: int,
             if decode_left >= 1:
                 pending = [last_e]  # ... which is queued for the next step
         sims.append(_Sim(r.rid, r.arrival_s, pending, r.waited, prompt_left, decode_left))
-    last = {r.rid: (r.pending_experts[-1] if r.pending_experts else None) for r in reqs}
     out = []
     for _ in range(steps):
         chunks = sched.schedule(sims)
@@ -256,12 +255,12 @@ def lookahead(sched: Scheduler, reqs: Sequence, steps: int,
         for c in chunks:
             s = c.req
             used.update(dict.fromkeys(s.pending_experts[:c.n]))
-            last[s.rid] = s.pending_experts[c.n - 1]
+            last = s.pending_experts[c.n - 1]
             del s.pending_experts[:c.n]
             s.prompt_left = max(0, s.prompt_left - c.n)
             if not s.pending_experts and s.prompt_left == 0 and s.decode_left > 1:
                 s.decode_left -= 1
-                s.pending_experts.append(last[s.rid])
+                s.pending_experts.append(last)
         age(sims, ran)
         out.append(list(used))
     return out

@@ -12,6 +12,7 @@ Llama-style decoders (Llama, Mistral, Qwen2/3, SmolLM) are supported.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import mmap
 import sys
@@ -38,7 +39,8 @@ class KVCache:
     def __init__(self, layers: int, slots: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
         shape = (layers, 2, slots, kv_heads, capacity, head_dim)
         if torch.device(device).type == "cpu":
-            self._map = mmap.mmap(-1, math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+            self._map = mmap.mmap(-1, math.prod(shape) * dtype.itemsize, flags=flags)
             self.buf = torch.frombuffer(self._map, dtype=dtype).view(shape)
         else:
             self.buf = torch.zeros(shape, dtype=dtype, device=device)
@@ -132,8 +134,11 @@ class StepRunner:
         self.dtype, self.device = p.dtype, p.device
         self.pad_rows = self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
         self.kv = KVCache(len(self.layers), slots, self.kv_heads, self.max_len, self.head_dim, self.dtype, self.device)
-        with torch.no_grad():  # the shared experts' gate and up stacked, as the expert store stacks the routed ones
-            self.shared_gu = [torch.cat([l.mlp.shared.gate_proj.weight, l.mlp.shared.up_proj.weight]) for l in self.layers]
+        with torch.no_grad():  # the shared experts' gate and up stacked, as the expert store stacks the routed ones;
+            # None for an MLP with biases (rare in Llama-style models), which runs as its own module
+            self.shared_gu = [None if any(p.bias is not None for p in (sh.gate_proj, sh.up_proj, sh.down_proj))
+                              else torch.cat([sh.gate_proj.weight, sh.up_proj.weight])
+                              for sh in (layer.mlp.shared for layer in self.layers)]
 
     def new_kv(self) -> SeqKV:
         return self.kv.alloc()
@@ -155,10 +160,7 @@ class StepRunner:
         mlp = self.layers[l].mlp
         act = mlp.shared.act_fn
         sh = mlp.shared
-        if sh.gate_proj.bias is None and sh.up_proj.bias is None and sh.down_proj.bias is None:
-            out = self._gated(x, self.shared_gu[l], sh.down_proj.weight, act)
-        else:  # an MLP with biases (rare in Llama-style models): the module itself
-            out = sh(x)
+        out = sh(x) if self.shared_gu[l] is None else self._gated(x, self.shared_gu[l], sh.down_proj.weight, act)
         for j, e in enumerate(order):
             sel = (ids == e).nonzero().flatten()
             gu, d = self.expert_fn(l, e, order[j:])
@@ -172,9 +174,8 @@ class StepRunner:
                 out = out + y
         return out
 
-    def _decode_plan(self, segs: list[Segment], lens: list[int]):
+    def _decode_plan(self, segs: list[Segment], lens: list[int], offs: list[int]):
         """Index tensors for the step's one-token segments, which attend together in one call per layer."""
-        offs = [sum(lens[:i]) for i in range(len(segs))]
         dec = [i for i, n in enumerate(lens) if n == 1]
         if not dec:
             return None
@@ -224,8 +225,9 @@ class StepRunner:
         eids = torch.tensor([e for s in segs for e in s.experts], device=self.device)
         order = first_use_order(segs)
         pos = torch.cat([torch.arange(s.kv.len, s.kv.len + n) for s, n in zip(segs, lens)]).to(self.device)
-        plan = self._decode_plan(segs, lens)
-        chunks = [(s, sum(lens[:i]), n) for i, (s, n) in enumerate(zip(segs, lens)) if n > 1]
+        offs = list(itertools.accumulate(lens, initial=0))[:-1]  # each segment's first row in the flat batch
+        plan = self._decode_plan(segs, lens, offs)
+        chunks = [(s, off, n) for s, off, n in zip(segs, offs, lens) if n > 1]
         h = self.m.embed_tokens(ids)[None]  # [1, N, H]
         cos, sin = self.m.rotary_emb(h, pos[None])
         N = ids.numel()
