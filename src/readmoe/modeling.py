@@ -12,6 +12,7 @@ be read from disk alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -131,6 +132,7 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
         self.router = None if layerwise else PreGatingRouter(config.router_config())
         # Calibrated importance of every dense neuron (mean |activation| over domains): the pruned baseline's ranking.
         self.register_buffer("neuron_scores", torch.zeros(tc.num_hidden_layers, tc.intermediate_size))
+        self.experts_offloaded = False  # True when loaded with routed=False: the engine's store holds them
         self.post_init()
 
     # ------------------------------------------------------------ HF plumbing
@@ -190,6 +192,9 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
         (or, in a layer-wise model, each layer's gate from its hidden state)."""
         if input_ids is None:
             raise ValueError("ReadMEForCausalLM needs input_ids: the pre-gating router reads token ids")
+        if self.experts_offloaded:
+            raise ValueError("this model was loaded without its routed experts (load_readme(routed=False)): "
+                             "serve it with the engine, or load it whole to call it")
         router_logits, new_router_cache = None, None
         if expert_ids is None and self.layerwise:
             pass  # the gates decide inside every layer
@@ -222,8 +227,17 @@ def register() -> None:
     AutoModelForCausalLM.register(ReadMEConfig, ReadMEForCausalLM, exist_ok=True)
 
 
-def load_readme(path: str, dtype: torch.dtype = torch.float32) -> tuple[ReadMEForCausalLM, object]:
-    """Load a carved checkpoint and its tokenizer; a bad directory gets one clear line."""
+def is_routed_key(key: str) -> bool:
+    """A routed expert's weight or bias (not its neuron indices): what an expert store serves from disk."""
+    return ".mlp.experts." in key and not key.endswith("neuron_idx")
+
+
+def load_readme(path: str, dtype: torch.dtype = torch.float32,
+                routed: bool = True) -> tuple[ReadMEForCausalLM, object]:
+    """Load a carved checkpoint and its tokenizer; a bad directory gets one clear line.
+
+    `routed=False` leaves the routed experts' weights on the meta device (shapes without memory): for an engine
+    whose expert store reads them from the checkpoint, so a parent-size MoE never sits in memory whole."""
     from pathlib import Path
 
     from transformers import AutoTokenizer
@@ -249,10 +263,46 @@ def load_readme(path: str, dtype: torch.dtype = torch.float32) -> tuple[ReadMEFo
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = ReadMEForCausalLM.from_pretrained(str(p), dtype=dtype)
+        model = ReadMEForCausalLM.from_pretrained(str(p), dtype=dtype) if routed else _load_without_routed(p, dtype)
         tok = AutoTokenizer.from_pretrained(str(p))
     except Exception as e:  # noqa: BLE001 - safetensors/json/shape errors all mean a corrupt checkpoint
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"checkpoint '{path}' is corrupt or incomplete: {first}") from None
     model.eval()
     return model, tok
+
+
+def _load_without_routed(path, dtype: torch.dtype) -> ReadMEForCausalLM:
+    """The model skeleton on the meta device (accelerate's big-model recipe), then every tensor but the routed
+    experts' read from the checkpoint one at a time, cast, and assigned in place."""
+    from accelerate import init_empty_weights
+    from transformers import GenerationConfig
+
+    from .checkpoint import Checkpoint
+
+    config = ReadMEConfig.from_pretrained(str(path))
+    with init_empty_weights():  # parameters on meta; buffers (rotary tables, neuron indices) real
+        model = ReadMEForCausalLM(config)
+    ckpt = Checkpoint(path)
+    try:
+        sd = {}
+        for k in ckpt.keys():
+            if not is_routed_key(k):
+                t = ckpt.read(k)
+                sd[k] = t.to(dtype) if t.is_floating_point() else t
+    finally:
+        ckpt.close()
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [k for k in missing if not is_routed_key(k) and k not in model.all_tied_weights_keys]
+    if missing or unexpected:
+        raise ValueError(f"weights do not line up with the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    for m in model.moe_layers():  # still meta, in the serving dtype, so dtype queries agree with the real weights
+        for mod in m.experts.modules():
+            for name, w in mod._parameters.items():
+                if w is not None:
+                    mod._parameters[name] = nn.Parameter(w.to(dtype), requires_grad=False)
+    model.experts_offloaded = True
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return model

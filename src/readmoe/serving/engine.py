@@ -133,7 +133,9 @@ class Engine:
         """Model, tokenizer, EOS ids and the expert store, all from one checkpoint directory."""
         from ..modeling import load_readme
 
-        moe, tok = load_readme(str(path), dtype)
+        config = config or EngineConfig()
+        # a disk store serves the routed experts from the checkpoint, so they need not be loaded here at all
+        moe, tok = load_readme(str(path), dtype, routed=config.store != "disk")
         return cls(moe, config, checkpoint=path, tokenizer=tok)
 
     def __enter__(self) -> "Engine":

@@ -11,6 +11,7 @@ access sequence: the optimum any policy could reach.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -50,7 +51,8 @@ def _copy(w: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Te
 
 
 class ExpertStore:
-    """Where non-resident experts live. `disk`: read per expert from model.safetensors; `host`: CPU tensors."""
+    """Where non-resident experts live. `disk`: read per expert from the checkpoint's safetensors (single or
+    sharded); `host`: CPU tensors."""
 
     def __init__(self, model, checkpoint: str | Path | None = None, kind: str = "disk", device="cpu",
                  link_gbps: float | None = None):
@@ -61,14 +63,14 @@ class ExpertStore:
         # the link is what an offloading GPU server (the paper's setting) pays, and what prefetching can hide.
         self.link_gbps = link_gbps
         self.num_layers, self.num_experts = len(model.moe_layers()), model.num_experts
-        self._file = None
+        self._ckpt = None
         self._host: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         if kind == "disk":
-            if checkpoint is None or not (Path(checkpoint) / "model.safetensors").exists():
-                raise ValueError("a disk expert store needs the checkpoint directory with model.safetensors")
-            from safetensors import safe_open
+            from ..checkpoint import Checkpoint, is_checkpoint
 
-            self._file = safe_open(str(Path(checkpoint) / "model.safetensors"), "pt")
+            if checkpoint is None or not is_checkpoint(checkpoint):
+                raise ValueError("a disk expert store needs the checkpoint directory with its safetensors weights")
+            self._ckpt = Checkpoint(checkpoint)  # single-file or sharded; read without a memory map
         elif kind == "host":
             for l, m in enumerate(model.moe_layers()):
                 for e, ex in enumerate(m.experts):
@@ -76,22 +78,37 @@ class ExpertStore:
                     self._host[l, e] = tuple(w.pin_memory() if torch.cuda.is_available() else w for w in ws)
         else:
             raise ValueError(f"unknown expert store '{kind}': use disk or host")
-        self.nbytes = {(l, e): sum(w.numel() * self.dtype.itemsize for w in self._source(l, e))
+        self.nbytes = {(l, e): sum(math.prod(s) for s in self._shapes(l, e)) * self.dtype.itemsize
                        for l in range(self.num_layers) for e in range(self.num_experts)}
         self.bytes_loaded = 0
         self._lock = threading.Lock()
 
-    def _source(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
-        """The stored weights, not copied (safetensors hands out views of its memory map)."""
-        if self._file is not None:
-            return tuple(self._file.get_tensor(expert_key(layer, expert, p)) for p in PROJ)
-        return self._host[layer, expert]
+    def _shapes(self, layer: int, expert: int) -> list[tuple[int, ...]]:
+        if self._ckpt is not None:
+            return [self._ckpt.shape(expert_key(layer, expert, p)) for p in PROJ]
+        return [tuple(w.shape) for w in self._host[layer, expert]]
+
+    def _read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the checkpoint: gate and up read straight into the two halves of one buffer, down into another
+        (pinned when an accelerator copies from them), then cast or moved only if the serving dtype or device
+        differs. No memory map, so nothing read stays in the resident set after the cache evicts it."""
+        keys = [expert_key(layer, expert, p) for p in PROJ]
+        (n, h), down = self._ckpt.shape(keys[0]), self._ckpt.shape(keys[2])
+        stored, pin = self._ckpt.dtype(keys[0]), self.device.type == "cuda"
+        gu = torch.empty(2 * n, h, dtype=stored, pin_memory=pin)
+        self._ckpt.read(keys[0], gu[:n])
+        self._ckpt.read(keys[1], gu[n:])
+        d = self._ckpt.read(keys[2], torch.empty(down, dtype=stored, pin_memory=pin))
+        return gu.to(self.device, self.dtype, non_blocking=True), d.to(self.device, self.dtype, non_blocking=True)
 
     def load(self, layer: int, expert: int, count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The expert's weights on the compute device: (gate and up stacked [2 * size, hidden], down)."""
         t0 = time.perf_counter()
-        g, u, d = self._source(layer, expert)
-        ws = (_fused(g, u, self.device, self.dtype), _copy(d, self.device, self.dtype))
+        if self._ckpt is not None:
+            ws = self._read(layer, expert)
+        else:
+            g, u, d = self._host[layer, expert]
+            ws = (_fused(g, u, self.device, self.dtype), _copy(d, self.device, self.dtype))
         n = self.nbytes[layer, expert]
         if count:
             with self._lock:
@@ -99,6 +116,10 @@ class ExpertStore:
             if self.link_gbps:
                 time.sleep(max(0.0, n / (self.link_gbps * 1e9) - (time.perf_counter() - t0)))
         return ws
+
+    def close(self) -> None:
+        if self._ckpt is not None:
+            self._ckpt.close()
 
 
 class ExpertCache:
@@ -231,6 +252,7 @@ class ExpertCache:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
+        self.store.close()
 
 
 def simulate(policy: str, accesses: Sequence[Sequence[int]], capacity: int, lookahead: int | None = None,
@@ -243,6 +265,9 @@ def simulate(policy: str, accesses: Sequence[Sequence[int]], capacity: int, look
 
         def load(self, layer, expert, count=True):
             return ()
+
+        def close(self):
+            pass
 
     cache = ExpertCache(_Null(), capacity, policy, seed=seed)
     cache.store.nbytes = {}

@@ -134,11 +134,23 @@ class StepRunner:
         self.dtype, self.device = p.dtype, p.device
         self.pad_rows = self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
         self.kv = KVCache(len(self.layers), slots, self.kv_heads, self.max_len, self.head_dim, self.dtype, self.device)
-        with torch.no_grad():  # the shared experts' gate and up stacked, as the expert store stacks the routed ones;
-            # None for an MLP with biases (rare in Llama-style models), which runs as its own module
-            self.shared_gu = [None if any(p.bias is not None for p in (sh.gate_proj, sh.up_proj, sh.down_proj))
-                              else torch.cat([sh.gate_proj.weight, sh.up_proj.weight])
-                              for sh in (layer.mlp.shared for layer in self.layers)]
+        self.shared_gu = [self._stack_shared(layer.mlp.shared) for layer in self.layers]
+
+    @staticmethod
+    @torch.no_grad()
+    def _stack_shared(sh) -> torch.Tensor | None:
+        """The shared expert's gate and up stacked, as the expert store stacks the routed ones; the module's own
+        weights become views of it, so the stacking costs no memory (it matters at 7B). None for an MLP with
+        biases (rare in Llama-style models), which runs as its own module."""
+        if any(p.bias is not None for p in (sh.gate_proj, sh.up_proj, sh.down_proj)):
+            return None
+        g, u = sh.gate_proj.weight, sh.up_proj.weight
+        gu = getattr(sh, "_stacked_gu", None)  # stacked by an earlier engine on this model, and still its storage
+        if gu is None or gu.data_ptr() != g.data_ptr() or gu[g.shape[0]:].data_ptr() != u.data_ptr():
+            gu = torch.cat([g, u])
+            g.data, u.data = gu[:g.shape[0]], gu[g.shape[0]:]
+            sh._stacked_gu = gu
+        return gu
 
     def new_kv(self) -> SeqKV:
         return self.kv.alloc()

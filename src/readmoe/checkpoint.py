@@ -1,0 +1,166 @@
+"""Safetensors checkpoints read one tensor at a time and written shard by shard.
+
+Why not `safe_open`: it memory-maps the file, and every page a read touches stays
+in the process's resident set until the file is closed. Reading a 13 GB parent, or
+serving experts from a checkpoint for hours, would then grow the resident set to
+the file's size, which is exactly what streaming carve and an expert store with a
+small cache must avoid. Here a tensor is read with `pread` straight into a buffer
+the caller owns (the page cache still serves repeated reads), from a single
+`model.safetensors` or the shards named by `model.safetensors.index.json`, the
+layout `save_pretrained` writes and `from_pretrained` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+class TensorFile:
+    """One safetensors file: its header parsed once, tensors read on demand without a memory map."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.base = 8 + n
+        self.info = header
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def keys(self) -> list[str]:
+        return list(self.info)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return DTYPES[self.info[key]["dtype"]]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.info[key]["shape"])
+
+    def nbytes(self, key: str) -> int:
+        start, end = self.info[key]["data_offsets"]
+        return end - start
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, in its stored dtype; into `out` (a contiguous CPU tensor of that dtype and shape) if given."""
+        start, end = self.info[key]["data_offsets"]
+        if out is None:
+            out = torch.empty(self.shape(key), dtype=self.dtype(key))
+        if out.nbytes != end - start or not out.is_contiguous():
+            raise ValueError(f"buffer for '{key}' has {out.nbytes} bytes, the tensor {end - start}")
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        got = 0
+        while got < len(view):  # pread may return less than asked for large reads
+            n = os.preadv(self._fd, [view[got:]], self.base + start + got)
+            if n <= 0:
+                raise OSError(f"{self.path} is truncated: '{key}' ends past the end of the file")
+            got += n
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        self.close()
+
+
+class Checkpoint:
+    """The tensors of a checkpoint directory, single-file or sharded, by name."""
+
+    def __init__(self, directory: str | Path):
+        d = Path(directory)
+        if (d / INDEX).is_file():
+            weight_map = json.loads((d / INDEX).read_text())["weight_map"]
+            self.files = {name: TensorFile(d / name) for name in sorted(set(weight_map.values()))}
+            self.where = {k: self.files[name] for k, name in weight_map.items()}
+        elif (d / SINGLE).is_file():
+            f = TensorFile(d / SINGLE)
+            self.files, self.where = {SINGLE: f}, dict.fromkeys(f.keys(), f)
+        else:
+            raise FileNotFoundError(f"'{d}' holds neither {SINGLE} nor {INDEX}")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.where[key].dtype(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.where[key].shape(key)
+
+    def nbytes(self, key: str) -> int:
+        return self.where[key].nbytes(key)
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        if key not in self.where:
+            raise KeyError(f"checkpoint has no tensor '{key}'")
+        return self.where[key].read(key, out)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def is_checkpoint(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / INDEX).is_file() or (d / SINGLE).is_file()
+
+
+class ShardWriter:
+    """Writes tensors into shards of about `max_shard_bytes` as they come, so at most one shard is held.
+
+    Shards are named `model-0000i-of-0000n.safetensors` with an index once `close()` knows n, or, if one shard
+    suffices, written as the single `model.safetensors`, exactly as `save_pretrained` lays them out."""
+
+    def __init__(self, directory: str | Path, max_shard_bytes: int = 2 << 30):
+        self.dir = Path(directory)
+        self.max = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Add a group (for example one layer); a group is never split across shards."""
+        if self.pending and self.pending_bytes + sum(t.nbytes for t in tensors.values()) > self.max:
+            self._flush()
+        for k, t in tensors.items():
+            self.pending[k] = t.contiguous()
+            self.pending_bytes += t.nbytes
+
+    def _flush(self) -> None:
+        path = self.dir / f".shard-{len(self.written):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self.total += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.written:
+            self._flush()
+        if len(self.written) == 1:
+            os.replace(self.written[0][0], self.dir / SINGLE)
+            return
+        n, weight_map = len(self.written), {}
+        for i, (path, keys) in enumerate(self.written):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(path, self.dir / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        (self.dir / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map},
+                                                 indent=2) + "\n")
