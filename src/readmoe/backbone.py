@@ -14,6 +14,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -140,11 +141,17 @@ def text_config(model: nn.Module):
 def fingerprint(model: nn.Module, as_bf16: bool = False) -> str:
     """Identity of a dense model: shapes plus a few weight values, so stats from another model are caught.
     `as_bf16`: of the values rounded to bf16, which an fp32 model and its bf16 copy share."""
+    ms = mlps(model)
+    return fingerprint_from(text_config(model), lambda l: ms[l].down_proj.weight.detach(), as_bf16)
+
+
+def fingerprint_from(cfg, down_proj: Callable[[int], torch.Tensor], as_bf16: bool = False) -> str:
+    """`fingerprint` from a text config and a reader of layer l's down_proj weight: a checkpoint on disk
+    is identified without loading it."""
     h = hashlib.sha256()
-    cfg = text_config(model)
     h.update(f"{cfg.model_type}:{cfg.num_hidden_layers}:{cfg.hidden_size}:{cfg.intermediate_size}:{cfg.vocab_size}".encode())
-    for m in mlps(model)[:: max(1, len(mlps(model)) // 4)]:
-        w = m.down_proj.weight.detach()
+    for l in range(0, cfg.num_hidden_layers, max(1, cfg.num_hidden_layers // 4)):
+        w = down_proj(l)
         w = (w.to(torch.bfloat16) if as_bf16 else w).float()
         h.update(w.flatten()[:: max(1, w.numel() // 257)][:256].numpy().round(5).tobytes())
     return h.hexdigest()[:16]

@@ -12,8 +12,10 @@ activation sketches recorded by `calibrate`).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from . import backbone
@@ -119,7 +121,7 @@ def build_model(dense, sets: Sets, names: list[str], keep: float, mode: str, par
     `scores` [L, I] (neuron importance) is stored for the pruned baseline."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _build_model(dense, sets, names, keep, mode, parent, router_dim, routing)
+        model = _build_model(dense, sets, names, keep, mode, parent, router_dim, routing, seed)
     if scores is not None:
         model.neuron_scores.copy_(scores)
     return model.to(next(dense.parameters()).dtype)  # the router and buffers too: one dtype, as the parent's
@@ -131,13 +133,30 @@ def neuron_scores(stats: Stats) -> torch.Tensor:
     return (stats.mean.float() * (w / w.sum())[:, None, None]).sum(0)
 
 
-def _build_model(dense, sets: Sets, names, keep, mode, parent, router_dim, routing="pregate") -> ReadMEForCausalLM:
+def readme_config(tc, sets: Sets, names, keep, mode, parent, fingerprint: str, router_dim, routing) -> ReadMEConfig:
     shared, experts = sets
-    tc = text_config_of(dense)
-    cfg = ReadMEConfig(text_config=tc, expert_names=list(names), shared_sizes=[len(s) for s in shared],
-                       expert_sizes=[[len(e) for e in ex] for ex in experts], keep=keep, carve_mode=mode,
-                       parent_model=parent, parent_fingerprint=backbone.fingerprint(dense), routing=routing,
-                       **router_dims(tc.hidden_size, router_dim))
+    return ReadMEConfig(text_config=tc, expert_names=list(names), shared_sizes=[len(s) for s in shared],
+                        expert_sizes=[[len(e) for e in ex] for ex in experts], keep=keep, carve_mode=mode,
+                        parent_model=parent, parent_fingerprint=fingerprint, routing=routing,
+                        **router_dims(tc.hidden_size, router_dim))
+
+
+@torch.no_grad()
+def init_router(model: ReadMEForCausalLM, embedding: torch.Tensor, seed: int) -> None:
+    """The router's initial weights from `seed` alone, whatever else was initialised before, so the in-memory
+    and the streaming carve give the same router; its embedding starts from the parent's."""
+    if model.router is None:
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.router.apply(model._init_weights)
+        model.router.init_embedding_from(embedding)
+
+
+def _build_model(dense, sets: Sets, names, keep, mode, parent, router_dim, routing="pregate", seed=0) -> ReadMEForCausalLM:
+    shared, experts = sets
+    cfg = readme_config(text_config_of(dense), sets, names, keep, mode, parent, backbone.fingerprint(dense), router_dim,
+                        routing)
     model = ReadMEForCausalLM(cfg)
     sd = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
     missing, unexpected = model.backbone.load_state_dict(sd, strict=False)
@@ -149,9 +168,121 @@ def _build_model(dense, sets: Sets, names, keep, mode, parent, router_dim, routi
         for e, idx in enumerate(experts[l]):
             _fill(mm.experts[e], dm, idx, down_bias=False)
     model.backbone.tie_weights()
-    if model.router is not None:
-        model.router.init_embedding_from(dense.get_input_embeddings().weight)
+    init_router(model, dense.get_input_embeddings().weight, seed)
     model.eval()
+    return model
+
+
+class NotStreamable(Exception):
+    """The parent's checkpoint names its tensors differently from its model class: carve it in memory."""
+
+
+class ParentCheckpoint:
+    """A dense parent on disk, read tensor by tensor: what streaming carve needs, and its identity."""
+
+    def __init__(self, directory: str | Path):
+        from transformers import AutoConfig
+
+        from .checkpoint import Checkpoint
+
+        self.dir = Path(directory)
+        full = AutoConfig.from_pretrained(str(self.dir))
+        d = (full.get_text_config() if hasattr(full, "get_text_config") else full).to_dict()
+        for k in ("quantization_config", "_name_or_path"):
+            d.pop(k, None)
+        self.text_config = AutoConfig.for_model(**d)
+        self.ckpt = Checkpoint(self.dir)
+        tc = self.text_config
+        self.layers, self.intermediate = tc.num_hidden_layers, tc.intermediate_size
+        for l in range(self.layers):
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                if self.mlp_key(l, p) not in self.ckpt:
+                    raise NotStreamable(f"no tensor '{self.mlp_key(l, p)}' in {self.dir}")
+
+    @staticmethod
+    def mlp_key(layer: int, proj: str, kind: str = "weight") -> str:
+        return f"model.layers.{layer}.mlp.{proj}.{kind}"
+
+    def fingerprints(self) -> set[str]:
+        down = lambda l: self.ckpt.read(self.mlp_key(l, "down_proj"))  # noqa: E731
+        return {backbone.fingerprint_from(self.text_config, down), backbone.fingerprint_from(self.text_config, down, True)}
+
+    def params(self) -> int:
+        return sum(math.prod(self.ckpt.shape(k)) for k in self.ckpt.keys())
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+@torch.no_grad()
+def carve_streaming(parent: ParentCheckpoint, sets: Sets, names: list[str], keep: float, mode: str, parent_spec: str,
+                    out: Path, dtype: torch.dtype, router_dim: int | None = None, seed: int = 0,
+                    scores: torch.Tensor | None = None, max_shard_bytes: int = 2 << 30,
+                    progress: bool = True) -> ReadMEForCausalLM:
+    """`build_model` + `save_pretrained` without either model in memory: the parent is read a tensor at a time and
+    the MoE written layer by layer into safetensors shards, so the peak is one parent layer, its carved experts
+    and one shard being filled. The checkpoint equals the in-memory carve's, tensor for tensor.
+
+    Returns the MoE's skeleton: shapes on the meta device, neuron indices real (what the carve report needs)."""
+    from accelerate import init_empty_weights
+
+    from .checkpoint import ShardWriter
+    from .router import PreGatingRouter
+
+    shared, experts = sets
+    fp = backbone.fingerprint_from(parent.text_config, lambda l: parent.ckpt.read(parent.mlp_key(l, "down_proj")))
+    cfg = readme_config(parent.text_config, sets, names, keep, mode, parent_spec, fp, router_dim, "pregate")
+    with init_empty_weights():
+        model = ReadMEForCausalLM(cfg)
+    model.router = PreGatingRouter(cfg.router_config())
+    emb_key = "model.embed_tokens.weight"
+    init_router(model, parent.ckpt.read(emb_key), seed)
+    if scores is not None:
+        model.neuron_scores.copy_(scores)
+    tied = set(model.all_tied_weights_keys)
+    todo = [k for k in model.state_dict() if k not in tied]
+    missing = [k[len("backbone."):] for k in todo
+               if k.startswith("backbone.") and ".mlp." not in k and k[len("backbone."):] not in parent.ckpt]
+    if missing:  # checked before anything is written
+        raise NotStreamable(f"no tensor '{missing[0]}' in {parent.dir}")
+    cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+    writer = ShardWriter(out, max_shard_bytes)
+    for l, mm in enumerate(tqdm(model.moe_layers(), desc="carve", unit="layer", disable=not progress)):
+        prefix = f"backbone.model.layers.{l}."
+        group = {k: cast(parent.ckpt.read(k[len("backbone."):])) for k in todo if k.startswith(prefix) and ".mlp." not in k}
+        dense_mlp = {(p, kind): parent.ckpt.read(parent.mlp_key(l, p, kind))
+                     for p in ("gate_proj", "up_proj", "down_proj") for kind in ("weight", "bias")
+                     if parent.mlp_key(l, p, kind) in parent.ckpt}
+        for name, idx, down_bias in [("shared", shared[l], True)] + [(f"experts.{e}", idx, False) for e, idx in enumerate(experts[l])]:
+            idx = idx.to(torch.long)
+            sub = mm.get_submodule(name)
+            sub.neuron_idx.copy_(idx)
+            p = f"{prefix}mlp.{name}."
+            group[p + "neuron_idx"] = idx.clone()
+            group[p + "gate_proj.weight"] = cast(dense_mlp["gate_proj", "weight"][idx])
+            group[p + "up_proj.weight"] = cast(dense_mlp["up_proj", "weight"][idx])
+            group[p + "down_proj.weight"] = cast(dense_mlp["down_proj", "weight"][:, idx])
+            for proj in ("gate_proj", "up_proj"):
+                if (proj, "bias") in dense_mlp:
+                    group[p + f"{proj}.bias"] = cast(dense_mlp[proj, "bias"][idx])
+            if down_bias and ("down_proj", "bias") in dense_mlp:
+                group[p + "down_proj.bias"] = cast(dense_mlp["down_proj", "bias"])
+        writer.add(group)
+        del dense_mlp, group
+    rest = {}
+    state = model.state_dict()
+    for k in todo:
+        if k.startswith("backbone.model.layers."):
+            continue
+        if k.startswith("backbone."):
+            rest[k] = cast(parent.ckpt.read(k[len("backbone."):]))
+        else:  # the router and the neuron scores: made here, not read
+            rest[k] = cast(state[k].detach())
+    writer.add(rest)
+    writer.close()
+    cfg.dtype, cfg.architectures = dtype, [ReadMEForCausalLM.__name__]
+    cfg.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
     return model
 
 
@@ -198,13 +329,19 @@ def carve_table(model: ReadMEForCausalLM) -> list[dict]:
     return rows
 
 
-def check_stats_match(stats: Stats, dense) -> None:
-    fp = backbone.fingerprint(dense)
-    L = len(backbone.mlps(dense))
-    I = backbone.mlps(dense)[0].down_proj.in_features
-    recorded = {stats.fingerprint, stats.meta.get("fingerprint_bf16")}
-    if not backbone.same_model(recorded, dense) or tuple(stats.mean.shape[1:]) != (L, I):
+def check_stats_match(stats: Stats, fingerprints: set[str], shape: tuple[int, int]) -> None:
+    """The stats were computed on this parent: `fingerprints` are its own and its bf16 one, `shape` (layers,
+    MLP width)."""
+    recorded = {stats.fingerprint, stats.meta.get("fingerprint_bf16")} - {None}
+    if not recorded & set(fingerprints) or tuple(stats.mean.shape[1:]) != tuple(shape):
         raise UserError(f"stats were computed on another model (shape {tuple(stats.mean.shape[1:])}, fingerprint "
-                        f"{stats.fingerprint}) than this one ({(L, I)}, {fp}); re-run `readmoe calibrate` with this --model")
+                        f"{stats.fingerprint}) than this one ({tuple(shape)}, {sorted(fingerprints)[0]}); "
+                        "re-run `readmoe calibrate` with this --model")
     if not stats.complete:
         raise UserError("stats file is incomplete (calibration was interrupted); re-run `readmoe calibrate` to finish it")
+
+
+def identity(dense) -> tuple[set[str], tuple[int, int]]:
+    """What `check_stats_match` compares, from a model in memory."""
+    ms = backbone.mlps(dense)
+    return {backbone.fingerprint(dense), backbone.fingerprint(dense, as_bf16=True)}, (len(ms), ms[0].down_proj.in_features)

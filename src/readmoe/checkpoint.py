@@ -68,9 +68,9 @@ class TensorFile:
             got += n
         return out
 
-    def close(self) -> None:
+    def close(self, _close=os.close) -> None:  # bound now: at interpreter exit `os` may already be gone
         if self._fd >= 0:
-            os.close(self._fd)
+            _close(self._fd)
             self._fd = -1
 
     def __del__(self):
@@ -130,6 +130,7 @@ class ShardWriter:
 
     def __init__(self, directory: str | Path, max_shard_bytes: int = 2 << 30):
         self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.max = max_shard_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0

@@ -80,8 +80,7 @@ def carve(
     check_keep(keep)
     st = load_stats(stats)
     backbone.env_threads()
-    dense, tok = backbone.load_dense(model, _dtype(dtype))
-    carve_and_save(dense, tok, model, st, keep, out, experts, router_dim, overwrite=overwrite)
+    carve_and_save(model, st, keep, out, experts, router_dim, overwrite=overwrite, dtype=_dtype(dtype))
 
 
 @app.command("eval")
@@ -229,10 +228,12 @@ def demo(
     from . import backbone
     from .calibrate import calibrate as run_calibrate
     from .carve import check_keep
-    from .corpus import Corpus
-    from .train import make_config, train as run_train
+    import torch
 
+    from .corpus import Corpus
+    from .modeling import load_readme
     from .outdir import claim, mark, read_manifest
+    from .train import make_config, train as run_train
 
     check_keep(keep)
     cfg = make_config(budget)
@@ -248,7 +249,8 @@ def demo(
     typer.echo(f"[{time.time() - t0:5.0f}s] loaded {model}")
     st = run_calibrate(dense, tok, c, c.domains, samples, seq_len, out / "stats.safetensors")
     typer.echo(f"[{time.time() - t0:5.0f}s] calibrated {len(st.domains)} domains")
-    moe = carve_and_save(dense, tok, model, st, keep, out / "carved", overwrite=overwrite)
+    carve_and_save(model, st, keep, out / "carved", overwrite=overwrite, dtype=torch.float32, dense=dense)
+    moe, _ = load_readme(str(out / "carved"))
     typer.echo(f"[{time.time() - t0:5.0f}s] carved")
     run_train(moe, dense, tok, c, c.domains, cfg, out / "model")
     typer.echo(f"[{time.time() - t0:5.0f}s] trained ({budget} budget)")

@@ -13,39 +13,74 @@ from typing import Callable
 from .errors import UserError
 
 
-def carve_and_save(dense, tok, model_spec: str, st, keep: float, out: Path, experts: int | None = None,
-                   router_dim: int | None = None, overwrite: bool = False, echo: Callable[[str], None] = print):
-    """Carve the MoE from the parent and its calibration stats, and write the checkpoint with its carve report."""
-    from .carve import (build_model, carve_table, check_stats_match, cluster_sets, dense_params, domain_sets, neuron_scores,
-                        param_summary)
-    from . import report
+def carve_and_save(model_spec: str, st, keep: float, out: Path, experts: int | None = None,
+                   router_dim: int | None = None, overwrite: bool = False, dtype=None, dense=None,
+                   echo: Callable[[str], None] = print, progress: bool = True) -> None:
+    """Carve the MoE from the parent and its calibration stats, and write the checkpoint (in `dtype`, default the
+    parent's) with its carve report.
+
+    A parent on disk whose tensors carry its model's names is carved streaming (`carve.carve_streaming`): neither
+    model is ever in memory whole. Any other parent (a hub id, renamed tensors) is loaded, or `dense` used."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from . import backbone, report
+    from .carve import (NotStreamable, ParentCheckpoint, build_model, carve_streaming, carve_table, check_stats_match,
+                        cluster_sets, dense_params, domain_sets, identity, neuron_scores, param_summary)
+    from .checkpoint import is_checkpoint
     from .outdir import claim, output_dir
 
-    check_stats_match(st, dense)
-    claim(out, "carve", overwrite)  # refuse before the minutes of work, not after
-    if experts is None:
-        if len(st.domains) < 1:
-            raise UserError("stats hold no domain")
-        sets, names, mode = domain_sets(st.mean, keep), st.domains, "domain"
-    else:
-        sets, names, mode = cluster_sets(st, experts, keep), [f"cluster{i}" for i in range(experts)], "domain-free"
-    parent = model_spec if model_spec.startswith("embedded") or not Path(model_spec).exists() else str(Path(model_spec).resolve())
-    moe = build_model(dense, sets, names, keep, mode, parent, router_dim, scores=neuron_scores(st))
-    table, params, dense_total = carve_table(moe), param_summary(moe), dense_params(dense)
-    with output_dir(out, "carve", overwrite) as tmp:
-        moe.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        h, rows = report.carve_rows(table)
-        sh, srows = report.carve_summary_rows(table, params, dense_total)
-        report.write(tmp / "carve_report.json", {"mode": mode, "keep": keep, "experts": names, "layers": table,
-                                                 "params": dict(params, dense=dense_total)},
-                     f"# Carve report\n\nmode {mode}, keep {keep}, experts {', '.join(names)}\n\n"
-                     + report.markdown_table(sh, srows) + "\n![experts per layer](carve_report.png)\n\n"
-                     + report.markdown_table(h, rows))
-        report.plot_carve(table, tmp / "carve_report.png")
+    src = backbone.resolve(model_spec)
+    parent = None
+    if Path(src).is_dir() and is_checkpoint(src):
+        try:
+            parent = ParentCheckpoint(src)
+        except NotStreamable as e:
+            echo(f"carving in memory: {e}")
+    try:
+        if parent is not None:
+            check_stats_match(st, parent.fingerprints(), (parent.layers, parent.intermediate))
+            tok, dense_total = AutoTokenizer.from_pretrained(src), parent.params()
+            dtype = dtype or parent.ckpt.dtype(parent.mlp_key(0, "down_proj"))
+        else:
+            if dense is None:
+                dense, tok = backbone.load_dense(model_spec, dtype or torch.float32)
+            else:
+                tok = AutoTokenizer.from_pretrained(src)
+            check_stats_match(st, *identity(dense))
+            dense_total = dense_params(dense)
+        claim(out, "carve", overwrite)  # refuse before the minutes of work, not after
+        if experts is None:
+            if len(st.domains) < 1:
+                raise UserError("stats hold no domain")
+            sets, names, mode = domain_sets(st.mean, keep), st.domains, "domain"
+        else:
+            sets, names, mode = cluster_sets(st, experts, keep), [f"cluster{i}" for i in range(experts)], "domain-free"
+        spec = model_spec if model_spec.startswith("embedded") or not Path(model_spec).exists() else str(Path(model_spec).resolve())
+        with output_dir(out, "carve", overwrite) as tmp:
+            if parent is not None:
+                moe = carve_streaming(parent, sets, names, keep, mode, spec, tmp, dtype, router_dim,
+                                      scores=neuron_scores(st), progress=progress)
+            else:
+                moe = build_model(dense, sets, names, keep, mode, spec, router_dim, scores=neuron_scores(st))
+                moe = moe.to(dtype) if dtype is not None else moe
+                moe.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            table, params = carve_table(moe), param_summary(moe)
+            h, rows = report.carve_rows(table)
+            sh, srows = report.carve_summary_rows(table, params, dense_total)
+            report.write(tmp / "carve_report.json", {"mode": mode, "keep": keep, "experts": names, "layers": table,
+                                                     "params": dict(params, dense=dense_total),
+                                                     "streamed": parent is not None},
+                         f"# Carve report\n\nmode {mode}, keep {keep}, experts {', '.join(names)}\n\n"
+                         + report.markdown_table(sh, srows) + "\n![experts per layer](carve_report.png)\n\n"
+                         + report.markdown_table(h, rows))
+            report.plot_carve(table, tmp / "carve_report.png")
+    finally:
+        if parent is not None:
+            parent.close()
     report.print_table(f"carved {len(names)} experts ({mode}, keep {keep})", sh, srows)
     echo(f"wrote {out}")
-    return moe
 
 
 def ensure_baselines(model_dir: Path, moe, dense, tok, wanted: list[str], progress: bool = True,
