@@ -45,3 +45,30 @@ def test_resume_after_kill_equals_uninterrupted(corpus_dir, tmp_path, monkeypatc
     assert load_stats(out).complete
     torch.testing.assert_close(resumed.mean, full.mean)
     torch.testing.assert_close(resumed.sketch, full.sketch)
+
+
+def test_sketch_sums_every_domain_and_device_map_auto_changes_nothing(dense_dir, corpus_dir, tmp_path):
+    """The sketch is |A|^T R over all domains' tokens; a model dispatched by accelerate (device_map="auto", here
+    all on the CPU) records the same statistics as a plainly loaded one."""
+    from readmoe import backbone
+
+    c = Corpus(str(corpus_dir))
+    plain, tok = backbone.load_dense(str(dense_dir))
+    st = calibrate(plain, tok, c, ["prose", "code"], 2, 16, tmp_path / "a.safetensors", progress=False)
+    R = {}
+    for di, d in enumerate(["prose", "code"]):
+        g = torch.Generator().manual_seed(1000 + di)
+        seqs = c.sequences(tok, d, "calib", 2, 16)
+        R[d] = (seqs, torch.randn(seqs.numel(), 64, generator=g))
+    acts = {}
+    h = plain.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, i: acts.setdefault("a", []).append(i[0]))
+    with torch.no_grad():
+        for d, (seqs, _) in R.items():
+            plain(seqs)
+    h.remove()
+    want = sum(a.abs().reshape(-1, a.shape[-1]).T @ r for a, (_, r) in zip(acts["a"], R.values()))
+    torch.testing.assert_close(st.sketch[0], want, rtol=1e-4, atol=1e-4)
+    dispatched, _ = backbone.load_dense(str(dense_dir), device_map="auto")
+    st2 = calibrate(dispatched, tok, c, ["prose", "code"], 2, 16, tmp_path / "b.safetensors", progress=False)
+    torch.testing.assert_close(st2.mean, st.mean)
+    torch.testing.assert_close(st2.sketch, st.sketch)

@@ -88,15 +88,17 @@ def resolve(spec: str) -> str:
     return spec  # a hub id
 
 
-def load_dense(spec: str, dtype: torch.dtype = torch.float32):
-    """Load a dense causal LM and its tokenizer; errors name what to fix."""
+def load_dense(spec: str, dtype: torch.dtype = torch.float32, device_map: str | dict | None = None):
+    """Load a dense causal LM and its tokenizer; errors name what to fix. `device_map="auto"` (accelerate)
+    spreads a parent larger than one GPU over GPUs, CPU memory and disk."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet()
     src = resolve(spec)
     is_local = Path(src).exists()
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        kw = {"device_map": device_map} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
         tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -71,39 +71,75 @@ def load_stats(path: str | Path) -> Stats:
 
 
 class ActivationRecorder:
-    """Forward pre-hooks on every down_proj accumulating sum |x|, token counts and the sketch."""
+    """Forward pre-hooks on every down_proj accumulating sum |x|, token counts and the sketch.
+
+    Each layer accumulates on the device it runs on (a model dispatched with `device_map="auto"` spreads layers
+    over GPUs and the CPU), in fp64 where the device has it: statistics never take the model's bf16."""
 
     def __init__(self, model, sketch_dim: int = SKETCH_DIM, seed: int = 0):
         self.mlps = backbone.mlps(model)
         self.L = len(self.mlps)
         self.I = self.mlps[0].down_proj.in_features
-        self.sum = torch.zeros(self.L, self.I, dtype=torch.float64)
-        self.sketch = torch.zeros(self.L, self.I, sketch_dim, dtype=torch.float64)
+        self._sum: list[torch.Tensor | None] = [None] * self.L
+        self._sketch: list[torch.Tensor | None] = [None] * self.L
         self.sketch_sum = torch.zeros(sketch_dim, dtype=torch.float64)
         self.tokens = 0
         self.gen = torch.Generator().manual_seed(seed)
         self.sketch_dim = sketch_dim
-        self._R = None
+        self._R: dict[torch.device, torch.Tensor] = {}
         self.handles = [m.down_proj.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.mlps)]
+
+    @staticmethod
+    def _acc_dtype(device: torch.device) -> torch.dtype:
+        return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
 
     def _hook(self, layer: int):
         def hook(_mod, inputs):
-            a = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).float()
-            self.sum[layer] += a.sum(0).double()
-            self.sketch[layer] += (a.T @ self._R).double()
+            x = inputs[0].detach()
+            acc = self._acc_dtype(x.device)
+            if self._sum[layer] is None:
+                self._sum[layer] = torch.zeros(self.I, dtype=acc, device=x.device)
+            if self._sketch[layer] is None:
+                self._sketch[layer] = torch.zeros(self.I, self.sketch_dim, dtype=acc, device=x.device)
+            elif self._sketch[layer].device != x.device:  # resumed on the CPU, now running elsewhere
+                self._sketch[layer] = self._sketch[layer].to(x.device, acc)
+            a = x.abs().reshape(-1, x.shape[-1]).float()
+            R = self._R.get(x.device)
+            if R is None:
+                R = self._R[x.device] = self._R[torch.device("cpu")].to(x.device)
+            self._sum[layer] += a.sum(0).to(acc)
+            self._sketch[layer] += (a.T @ R).to(acc)
         return hook
+
+    def _gather(self, parts: list[torch.Tensor | None], shape) -> torch.Tensor:
+        return torch.stack([torch.zeros(shape, dtype=torch.float64) if p is None else p.double().cpu() for p in parts])
+
+    @property
+    def sum(self) -> torch.Tensor:
+        return self._gather(self._sum, (self.I,))
+
+    @property
+    def sketch(self) -> torch.Tensor:
+        return self._gather(self._sketch, (self.I, self.sketch_dim))
+
+    def add_sketch(self, sketch: torch.Tensor) -> None:
+        """Start from a resumed run's sketch."""
+        for l in range(self.L):
+            if self._sketch[l] is None:
+                self._sketch[l] = torch.zeros(self.I, self.sketch_dim, dtype=torch.float64)
+            self._sketch[l] += sketch[l].to(self._sketch[l])
 
     def run(self, model, batch: torch.Tensor) -> None:
         n = batch.numel()
-        self._R = torch.randn(n, self.sketch_dim, generator=self.gen)
-        self.sketch_sum += self._R.sum(0).double()
+        self._R = {torch.device("cpu"): torch.randn(n, self.sketch_dim, generator=self.gen)}
+        self.sketch_sum += self._R[torch.device("cpu")].sum(0).double()
         with torch.inference_mode():
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=batch.to(model.get_input_embeddings().weight.device), use_cache=False)
         self.tokens += n
 
     def take_mean(self) -> tuple[torch.Tensor, int]:
         mean, n = (self.sum / max(self.tokens, 1)).float(), self.tokens
-        self.sum.zero_()
+        self._sum = [None] * self.L  # made again on first use (inside inference mode, so not zeroed in place here)
         self.tokens = 0
         return mean, n
 
@@ -134,7 +170,7 @@ def calibrate(model, tokenizer, corpus: Corpus, domains: list[str], samples: int
         if same and not prev.complete:
             for i, d in enumerate(prev.domains):
                 done[d] = (prev.mean[i], prev.tokens[i])
-            rec.sketch += prev.sketch.double()
+            rec.add_sketch(prev.sketch.double())
             rec.sketch_sum += prev.sketch_sum.double()
     try:
         for di, d in enumerate(domains):
@@ -142,9 +178,10 @@ def calibrate(model, tokenizer, corpus: Corpus, domains: list[str], samples: int
                 continue
             rec.gen.manual_seed(1000 + di)  # the same random sketch whether resumed or not
             seqs = corpus.sequences(tokenizer, d, "calib", samples, seq_len)
-            bar = tqdm(range(0, len(seqs), batch_size), desc=f"calibrate {d}", unit="batch", disable=not progress)
-            for b in bar:
-                rec.run(model, seqs[b:b + batch_size])
+            with tqdm(total=seqs.numel(), desc=f"calibrate {d}", unit="tok", unit_scale=True, disable=not progress) as bar:
+                for b in range(0, len(seqs), batch_size):  # the bar's rate is the calibration throughput, tokens/s
+                    rec.run(model, seqs[b:b + batch_size])
+                    bar.update(seqs[b:b + batch_size].numel())
             done[d] = rec.take_mean()
             save_stats(out, _stats(domains, done, rec, fp, params | ident, complete=len(done) == len(domains)))
     finally:

@@ -44,6 +44,8 @@ def calibrate(
     domains: Optional[str] = typer.Option(None, help="comma-separated subset of the corpus's domains"),
     batch_size: int = typer.Option(4, help="sequences per forward"),
     dtype: str = typer.Option("float32", help=DTYPE_HELP + "; statistics accumulate in fp64 whatever it is"),
+    device_map: Optional[str] = typer.Option(None, help="'auto': spread a parent larger than one GPU over GPUs, "
+                                                        "CPU memory and disk (accelerate); default: one device"),
 ):
     """Record per-domain mean |activation| of every MLP neuron (the input of down_proj). Resumable."""
     from . import backbone
@@ -55,7 +57,9 @@ def calibrate(
     c = Corpus(corpus)
     names = c.select(_domains(domains))
     backbone.env_threads()
-    dense, tok = backbone.load_dense(model, _dtype(dtype))
+    if device_map not in (None, "auto", "cpu", "cuda"):
+        raise UserError(f"--device-map must be auto, cpu or cuda, not '{device_map}'")
+    dense, tok = backbone.load_dense(model, _dtype(dtype), device_map=device_map)
     st = run(dense, tok, c, names, samples, seq_len, out, batch_size=batch_size)
     typer.echo(f"wrote {out}: {len(st.domains)} domains, {sum(st.tokens):,} tokens")
 
