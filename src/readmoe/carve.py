@@ -217,7 +217,7 @@ class ParentCheckpoint:
 @torch.no_grad()
 def carve_streaming(parent: ParentCheckpoint, sets: Sets, names: list[str], keep: float, mode: str, parent_spec: str,
                     out: Path, dtype: torch.dtype, router_dim: int | None = None, seed: int = 0,
-                    scores: torch.Tensor | None = None, max_shard_bytes: int = 2 << 30,
+                    scores: torch.Tensor | None = None, max_shard_bytes: int = 1 << 30,
                     progress: bool = True) -> ReadMEForCausalLM:
     """`build_model` + `save_pretrained` without either model in memory: the parent is read a tensor at a time and
     the MoE written layer by layer into safetensors shards, so the peak is one parent layer, its carved experts

@@ -13,6 +13,8 @@ layout `save_pretrained` writes and `from_pretrained` reads.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -24,6 +26,21 @@ SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
+
+
+def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in its own anonymous memory map, unmapped when the tensor dies.
+
+    For buffers that come and go by the hundred megabytes (an expert cache's loads): from malloc, glibc raises
+    its mmap threshold after the first frees and serves them from the heap, which then keeps what they freed;
+    measured on a 1B-shaped engine at capacity 1, that held 1 GB more than the cache ever did at once."""
+    n = math.prod(shape) * dtype.itemsize
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # 2 MB pages: faulting a fresh 40 MB buffer in took 14 ms, now 3 ms
+        m.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(m, dtype=dtype).view(shape)
 
 
 class TensorFile:
@@ -128,7 +145,7 @@ class ShardWriter:
     Shards are named `model-0000i-of-0000n.safetensors` with an index once `close()` knows n, or, if one shard
     suffices, written as the single `model.safetensors`, exactly as `save_pretrained` lays them out."""
 
-    def __init__(self, directory: str | Path, max_shard_bytes: int = 2 << 30):
+    def __init__(self, directory: str | Path, max_shard_bytes: int = 1 << 30):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max = max_shard_bytes

@@ -22,6 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..checkpoint import mapped_empty
+
 PROJ = ("gate_proj", "up_proj", "down_proj")
 POLICIES = ("lru", "lfu", "random", "belady")
 
@@ -94,11 +96,19 @@ class ExpertStore:
         differs. No memory map, so nothing read stays in the resident set after the cache evicts it."""
         keys = [expert_key(layer, expert, p) for p in PROJ]
         (n, h), down = self._ckpt.shape(keys[0]), self._ckpt.shape(keys[2])
-        stored, pin = self._ckpt.dtype(keys[0]), self.device.type == "cuda"
-        gu = torch.empty(2 * n, h, dtype=stored, pin_memory=pin)
+        stored = self._ckpt.dtype(keys[0])
+        if self.device.type == "cuda":
+            empty = lambda shape: torch.empty(shape, dtype=stored, pin_memory=True)  # noqa: E731
+        elif stored == self.dtype:  # the buffers are the cached weights: each in its own mapping (mapped_empty)
+            empty = lambda shape: mapped_empty(shape, stored)  # noqa: E731
+        else:  # read, then cast into the weights' own mapping
+            empty = lambda shape: torch.empty(shape, dtype=stored)  # noqa: E731
+        gu = empty((2 * n, h))
         self._ckpt.read(keys[0], gu[:n])
         self._ckpt.read(keys[1], gu[n:])
-        d = self._ckpt.read(keys[2], torch.empty(down, dtype=stored, pin_memory=pin))
+        d = self._ckpt.read(keys[2], empty(down))
+        if self.device.type == "cpu" and stored != self.dtype:
+            return (mapped_empty(gu.shape, self.dtype).copy_(gu), mapped_empty(d.shape, self.dtype).copy_(d))
         return gu.to(self.device, self.dtype, non_blocking=True), d.to(self.device, self.dtype, non_blocking=True)
 
     def load(self, layer: int, expert: int, count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -184,6 +184,7 @@ class StepRunner:
                 out.index_add_(0, sel, y)
             else:
                 out = out + y
+            del gu, d  # an evicted expert's memory goes as soon as the cache drops it, not after the next load
         return out
 
     def _decode_plan(self, segs: list[Segment], lens: list[int], offs: list[int]):
