@@ -50,7 +50,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from readmoe import assets, backbone, mmlu
-    from readmoe.errors import atomic_write_json, atomic_write_text
+    from readmoe.atomic import atomic_write_json, atomic_write_text
     from readmoe.modeling import load_readme
 
     a.out.mkdir(parents=True, exist_ok=True)

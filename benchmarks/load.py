@@ -155,7 +155,7 @@ def saturated(a, data: Path, args: list[str], tag: str) -> float:
 def interleaved(a, data: Path) -> None:
     import statistics
 
-    from readmoe.errors import atomic_write_json, atomic_write_text
+    from readmoe.atomic import atomic_write_json, atomic_write_text
 
     runs: dict[str, list[float]] = {"moe_http": [], "moe_in_process": [], "dense_http": []}
     for i in range(a.interleaved):
@@ -197,7 +197,7 @@ def goals(rep: dict) -> list[tuple[str, bool, str]]:
 
 
 def write(rep: dict, out: Path) -> None:
-    from readmoe.errors import atomic_write_json, atomic_write_text
+    from readmoe.atomic import atomic_write_json, atomic_write_text
     from readmoe.report import markdown_table
 
     rep["goals"] = [{"goal": g, "met": ok, "measured": m} for g, ok, m in goals(rep)]

@@ -238,6 +238,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--keep", action="store_true", help="keep the parent and MoE checkpoints in OUT/work")
     ap.add_argument("--reuse", action="store_true", help="run only the serve stages, on OUT/work from a --keep run")
+    ap.add_argument("--report-only", action="store_true", help="write the report from OUT/work's stage results")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -253,11 +254,12 @@ def main() -> None:
     out = args.out or Path("runs") / f"scale-{args.shape}"
     work = out / "work"
     stages, results = ["build", "calibrate", "carve"] + [f"serve:{c}" for c in caps], {}
-    if args.reuse:
-        if not (work / "moe").is_dir():
+    if args.reuse or args.report_only:
+        if args.reuse and not (work / "moe").is_dir():
             sys.exit(f"error: --reuse needs {work}/moe from an earlier run with --keep")
-        results = {s: json.loads((work / f"{s}.json").read_text()) for s in stages[:3]}
-        stages = stages[3:]
+        done = stages if args.report_only else stages[:3]
+        results = {s: json.loads((work / f"{s.replace(':', '-')}.json").read_text()) for s in done}
+        stages = [s for s in stages if s not in done]
     else:
         if work.exists():
             shutil.rmtree(work)  # our own scratch space from an earlier run, never the user's files
@@ -275,7 +277,7 @@ def main() -> None:
             print(f"[{time.time() - t0:6.0f}s] {name}: {results[name]['seconds']} s, peak "
                   f"{gib(results[name]['peak_rss_bytes'])}", flush=True)
     finally:
-        if not (args.keep or args.reuse):
+        if not (args.keep or args.reuse or args.report_only):
             for d in ("parent", "moe"):
                 shutil.rmtree(work / d, ignore_errors=True)
     b = results["build"]
@@ -288,7 +290,7 @@ def main() -> None:
            "machine": {"cpus": os.cpu_count(), "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}}
     rep["stages"]["serve"] = {"seconds": serve_runs[0]["seconds"], "peak_rss_bytes": serve_runs[0]["peak_rss_bytes"]}
     rep["goals"] = goals(rep)
-    from readmoe.errors import atomic_write_json, atomic_write_text
+    from readmoe.atomic import atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "report.json", rep)
     atomic_write_text(out / "report.md", markdown(rep))

@@ -133,5 +133,5 @@ def test_mmlu_subset_is_seeded_and_validated(tmp_path):
     assert a == b and len(a) == 10 and len(mmlu.load(f, None)) == 50
     assert mmlu.load(f, 10, seed=1) != a
     assert mmlu.parse_count("all") is None and mmlu.parse_count("none") == 0 and mmlu.parse_count("300") == 300
-    with pytest.raises(UserError, match="--mmlu"):
+    with pytest.raises(UserError, match="`mmlu`"):
         mmlu.parse_count("lots")

@@ -20,7 +20,7 @@ def test_domain_sets_hand_made():
 
 @pytest.mark.parametrize("keep", [0.0, -0.1, 1.5])
 def test_keep_out_of_range(keep):
-    with pytest.raises(UserError, match="--keep"):
+    with pytest.raises(UserError, match="`keep`"):
         domain_sets(torch.rand(2, 1, 8), keep)
 
 
@@ -47,5 +47,5 @@ def test_cluster_sets_partition_and_active_share():
         assert max(sizes) - min(sizes) <= 1
         active = (len(shared[l]) + sum(sizes) / K) / I
         assert abs(active - 0.5) < 0.02
-    with pytest.raises(UserError, match="below 1/--experts"):
+    with pytest.raises(UserError, match="below 1/`experts`"):
         cluster_sets(st, K, keep=0.1)

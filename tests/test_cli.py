@@ -128,3 +128,24 @@ def test_auto_dtype_follows_the_hardware(monkeypatch):
     assert dtype.resolve("float16", "cpu") == torch.float16
     with pytest.raises(ValueError, match="unknown dtype"):
         dtype.resolve("fp8")
+
+
+def test_library_messages_become_flag_speak_in_the_cli():
+    from readmoe.cli import flag_speak
+
+    msg = "`keep` 2 is out of (0, 1]; lower `seq_len` or pass `overwrite=True`; then run `readmoe calibrate`"
+    assert flag_speak(msg) == "--keep 2 is out of (0, 1]; lower --seq-len or pass --overwrite; then run `readmoe calibrate`"
+
+
+def test_loading_a_model_leaves_the_callers_logging_as_it_was(dense_dir):
+    from transformers.utils import logging as hf_logging
+
+    from readmoe import backbone
+
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    try:
+        backbone.load_dense(str(dense_dir))
+        assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity_warning()

@@ -301,7 +301,7 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
     assert [r["generated_tokens"] for r in data["runs"]][0] == 7 and data["dense"] is None
     tr.write_text('{"arrival_s": "soon", "prompt": "x"}\n')
     fails(monkeypatch, capsys, "trace.jsonl:1", "bench", "serve", "--model", model, "--out", tmp_path / "bad", "--trace", tr)
-    fails(monkeypatch, capsys, "unknown cache policy", "bench", "serve", "--model", model, "--out", tmp_path / "bad",
+    fails(monkeypatch, capsys, "unknown --policy", "bench", "serve", "--model", model, "--out", tmp_path / "bad",
           "--policies", "fifo")
 
 

@@ -96,7 +96,7 @@ def test_budget_zero_rejected():
         make_config("demo", router_steps=0, expert_steps=0)
     with pytest.raises(UserError, match="budget is 0"):
         make_config("demo", rounds=0)
-    with pytest.raises(UserError, match="unknown --budget"):
+    with pytest.raises(UserError, match="unknown `budget`"):
         make_config("huge")
 
 

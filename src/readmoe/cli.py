@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -49,11 +50,10 @@ def calibrate(
 ):
     """Record per-domain mean |activation| of every MLP neuron (the input of down_proj). Resumable."""
     from . import backbone
-    from .calibrate import calibrate as run
+    from .calibrate import calibrate as run, check_sizes
     from .corpus import Corpus
 
-    if samples < 1 or seq_len < 2:
-        raise UserError("--samples must be >= 1 and --seq-len >= 2")
+    check_sizes(samples, seq_len)
     c = Corpus(corpus)
     names = c.select(_domains(domains))
     backbone.env_threads()
@@ -309,12 +309,12 @@ def bench_serve(
     from .corpus import Corpus
     from .modeling import load_readme
     from .serving.bench import BenchConfig, bench
+    from .serving.expert_cache import check_cache
     from .serving.workload import WorkloadConfig
 
     if token_budget < 1 or max_running < 1 or max_wait < 1:
         raise UserError("--token-budget, --max-running and --max-wait must be >= 1")
-    if store not in ("disk", "host"):
-        raise UserError(f"unknown --store '{store}': use disk or host")
+    check_cache(store=store)
     n = requests if requests is not None else (16 if quick else 48)
     if n < 1:
         raise UserError("--requests must be >= 1")
@@ -424,7 +424,7 @@ def serve(
     from .server import build_app, serve as run_server
     from .serving import Engine, EngineConfig
     from .serving.engine_thread import EngineThread
-    from .serving.expert_cache import POLICIES
+    from .serving.expert_cache import check_cache
     from .serving.step_runner import check_supported
 
     if not (model / "config.json").is_file() and model == Path("runs/demo/model"):
@@ -435,10 +435,7 @@ def serve(
         raise UserError("--max-queued, --token-budget, --max-running and --max-wait must be >= 1, --max-model-len >= 2")
     if drain_timeout < 0:
         raise UserError("--drain-timeout must be >= 0")
-    if policy not in POLICIES:
-        raise UserError(f"unknown --policy '{policy}': use one of {', '.join(POLICIES)}")
-    if store not in ("disk", "host"):
-        raise UserError(f"unknown --store '{store}': use disk or host")
+    check_cache(policy=policy, store=store)
     if link_gbps is not None and link_gbps <= 0:
         raise UserError("--link-gbps must be > 0")
     modes = {"auto": "auto", "on": True, "off": False}
@@ -470,6 +467,12 @@ def serve(
     typer.echo("drained; bye")
 
 
+def flag_speak(message: str) -> str:
+    """A library message in the CLI's words: a parameter in backticks becomes its flag (`seq_len` -> --seq-len,
+    `overwrite=True` -> --overwrite); backticked commands (`readmoe calibrate`) stay as they are."""
+    return re.sub(r"`([a-z][a-z0-9_]*)(?:=True)?`", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
 def main() -> None:
     try:  # typer vendors click since 0.25; the exceptions are click's either way
         from typer._click import exceptions as cx
@@ -479,7 +482,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {flag_speak(str(e))}", file=sys.stderr)
         sys.exit(2)
     except cx.NoArgsIsHelpError as e:
         e.show()

@@ -267,5 +267,5 @@ def pack_sequences(tokenizer, texts: list[str], n: int, seq_len: int, min_n: int
             break
     rows = min(n, len(ids) // seq_len)
     if rows < min_n:
-        raise UserError(f"{what} has {len(ids)} tokens, fewer than {min_n} x {seq_len}; add text or lower --seq-len/--samples")
+        raise UserError(f"{what} has {len(ids)} tokens, fewer than {min_n} x {seq_len}; add text or lower `seq_len`/`samples`")
     return torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)

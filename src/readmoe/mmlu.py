@@ -31,7 +31,7 @@ def load(path, n: int | None, seed: int = 0) -> list[dict]:
                     rows.append(r)
     if n is not None:
         if n < 1:
-            raise UserError("--mmlu must be >= 1 or 'all'")
+            raise UserError("`mmlu` must be >= 1 or 'all'")
         if n < len(rows):
             keep = sorted(random.Random(seed).sample(range(len(rows)), n))
             rows = [rows[i] for i in keep]
@@ -45,7 +45,7 @@ def parse_count(arg: str | int | None) -> int | None:
     if str(arg) == "all":
         return None
     if not str(arg).isdigit():
-        raise UserError(f"--mmlu takes a number of questions, 'all' or 'none', not '{arg}'")
+        raise UserError(f"`mmlu` takes a number of questions, 'all' or 'none', not '{arg}'")
     return int(arg)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -25,6 +26,10 @@ from .moe import GatedMLP, ReadMEMLP, Routing
 from .router import PreGatingRouter, RouterConfig, RouterCache
 
 
+RoutingMode = Literal["pregate", "layerwise"]
+CarveMode = Literal["domain", "domain-free"]
+
+
 class ReadMEConfig(PreTrainedConfig):
     model_type = "readmoe"
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
@@ -34,8 +39,8 @@ class ReadMEConfig(PreTrainedConfig):
     shared_sizes: list[int] | None = None
     expert_sizes: list[list[int]] | None = None
     keep: float = 0.5
-    carve_mode: str = "domain"
-    routing: str = "pregate"  # "pregate" (the router over token ids) or "layerwise" (a linear gate per layer: baseline)
+    carve_mode: CarveMode = "domain"
+    routing: RoutingMode = "pregate"  # "pregate" (the router over token ids) or "layerwise" (a linear gate per layer: baseline)
     router_dim: int = 128
     router_heads: int = 4
     router_layers: int = 1
@@ -58,7 +63,7 @@ class ReadMEConfig(PreTrainedConfig):
             raise ValueError(f"shared_sizes/expert_sizes must have one entry per layer ({n_layers})")
         if any(len(s) != len(self.expert_names) for s in self.expert_sizes):
             raise ValueError("every layer needs one expert size per expert name")
-        if self.routing not in ("pregate", "layerwise"):
+        if self.routing not in get_args(RoutingMode):
             raise ValueError(f"routing must be 'pregate' or 'layerwise', not {self.routing!r}")
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
@@ -258,13 +263,12 @@ def load_readme(path: str, dtype: torch.dtype = torch.float32,
         raise UserError(f"'{cfg_file}' is not valid JSON; the checkpoint is corrupt") from None
     if model_type != "readmoe":
         raise UserError(f"'{path}' holds a '{model_type}' model, not a readmoe MoE; carve one with `readmoe carve`")
-    from transformers.utils import logging as hf_logging
+    from .backbone import quiet
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
-        model = ReadMEForCausalLM.from_pretrained(str(p), dtype=dtype) if routed else _load_without_routed(p, dtype)
-        tok = AutoTokenizer.from_pretrained(str(p))
+        with quiet():
+            model = ReadMEForCausalLM.from_pretrained(str(p), dtype=dtype) if routed else _load_without_routed(p, dtype)
+            tok = AutoTokenizer.from_pretrained(str(p))
     except Exception as e:  # noqa: BLE001 - safetensors/json/shape errors all mean a corrupt checkpoint
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"checkpoint '{path}' is corrupt or incomplete: {first}") from None

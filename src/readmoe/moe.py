@@ -9,6 +9,7 @@ so cost follows the number of distinct experts, not the number of tokens.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 from torch import nn
@@ -85,30 +86,36 @@ class ReadMEMLP(nn.Module):
             raise RuntimeError("ReadMEMLP called without expert ids; call ReadMEForCausalLM, not its backbone")
         elif ids.dim() == x.dim():  # [B, T, L]: one expert per token and layer
             ids = ids[..., self.layer_idx]
-        out = self.shared(x)
         flat = x.reshape(-1, x.shape[-1])
         ids = ids.reshape(-1)
         if ids.numel() != flat.shape[0]:
             raise ValueError(f"expert_ids has {ids.numel()} entries for {flat.shape[0]} tokens")
-        return out + self.dispatch(flat, ids).view_as(x)
+        if ids.numel() and int(ids.max()) >= len(self.experts):
+            raise ValueError(f"expert id {int(ids.max())} out of range: the model has {len(self.experts)} routed experts")
+        order = torch.unique(ids).tolist()  # ascending expert id
+        out = self.shared(flat)
+        return add_routed(out, flat, ids, order, lambda e, xs, rest: self.experts[e](xs) if self.experts[e].size else None
+                          ).view_as(x)
 
-    def dispatch(self, flat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Routed experts over flat tokens [N, H] with expert ids [N]: one matmul per present expert."""
-        counts = torch.bincount(ids, minlength=len(self.experts)).tolist()
-        present = [e for e, c in enumerate(counts) if c]
-        if len(counts) > len(self.experts):
-            raise ValueError(f"expert id {len(counts) - 1} out of range: the model has {len(self.experts)} routed experts")
-        if len(present) == 1:  # decode at batch 1 and single-expert batches: no gather/scatter
-            e = present[0]
-            return self.experts[e](flat) if self.experts[e].size else torch.zeros_like(flat)
-        order = torch.argsort(ids, stable=True)
-        xs = flat.index_select(0, order)
-        parts, start = [], 0
-        for e, c in enumerate(counts):
-            if c:
-                seg = xs[start:start + c]
-                parts.append(self.experts[e](seg) if self.experts[e].size else torch.zeros_like(seg))
-                start += c
-        out = torch.empty_like(flat)
-        out.index_copy_(0, order, torch.cat(parts))
-        return out
+
+def add_routed(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, order: list[int],
+               run: Callable[[int, torch.Tensor, list[int]], torch.Tensor | None], inplace: bool = False) -> torch.Tensor:
+    """Grouped dispatch, the one used by the HF model and the serving step runner: add to `out` [N, H] each routed
+    expert's output on its own tokens of `x` [N, H] (`ids` [N]), one call per expert in `order`.
+
+    `run(e, rows, rest)` computes expert e on its rows (None: an empty expert, adds nothing); `rest` is `order`
+    from e on, the experts this call still needs (the serving cache keeps them). A token has exactly one routed
+    expert, so every row of `out` receives one addition whatever the order. `inplace` for inference only."""
+    n = len(ids)
+    for j, e in enumerate(order):
+        rows = None if len(order) == 1 else (ids == e).nonzero().flatten()
+        if rows is not None and len(rows) == n:
+            rows = None
+        y = run(e, x if rows is None else x.index_select(0, rows), order[j:])
+        if y is None:
+            continue
+        if rows is None:
+            out = out.add_(y) if inplace else out + y
+        else:
+            out = out.index_add_(0, rows, y) if inplace else out.index_add(0, rows, y)
+    return out

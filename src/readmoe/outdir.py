@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError, atomic_write_json
+from .atomic import atomic_write_json
+from .errors import UserError
 
 MANIFEST = ".readmoe-output.json"
 _TMP_PREFIX = ".readmoe-tmp-"
@@ -38,20 +39,20 @@ def claim(path: str | Path, kind: str, overwrite: bool = False) -> Path:
     """Check that `path` may receive a `kind` output; raise a UserError naming --overwrite if not."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} exists and is not a directory; choose another --out")
+        raise UserError(f"`out` {path} exists and is not a directory; choose another `out`")
     if path.is_dir():
         entries = [p for p in path.iterdir() if p.name != MANIFEST and not p.name.startswith(_TMP_PREFIX)]
         m = read_manifest(path)
         if entries and not overwrite and (m is None or m["kind"] != kind):
             held = f"a readmoe '{m['kind']}' output" if m else "files readmoe did not write"
-            raise UserError(f"--out {path} holds {held}; choose a new or empty directory, or pass --overwrite "
+            raise UserError(f"`out` {path} holds {held}; choose a new or empty directory, or pass `overwrite=True` "
                             f"(it replaces only the files this command writes)")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create --out {path}: {e.strerror}") from None
+        raise UserError(f"cannot create `out` {path}: {e.strerror}") from None
     if not os.access(path, os.W_OK):
-        raise UserError(f"cannot write to --out {path}: permission denied")
+        raise UserError(f"cannot write to `out` {path}: permission denied")
     return path
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .errors import atomic_write_json, atomic_write_text
+from .atomic import atomic_write_json, atomic_write_text
 
 console = Console(stderr=False)
 
@@ -82,7 +82,7 @@ def pyplot():
 
 
 def save_figure(fig, path: Path) -> None:
-    from .errors import atomic_file
+    from .atomic import atomic_file
 
     fig.tight_layout()
     with atomic_file(path) as tmp:

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import backbone
-from .errors import UserError, atomic_file
+from .atomic import atomic_file
+from .errors import UserError
 
 TARGETS_FORMAT = "readmoe-targets/1"
 

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from . import backbone
 from .corpus import Corpus
-from .errors import UserError, atomic_write_json, atomic_write_text
+from .atomic import atomic_write_json, atomic_write_text
+from .errors import UserError
 from .evaluate import perplexity
 from .targets import compute_targets, distill_loss, oracle_labels
 
@@ -65,14 +66,14 @@ BUDGETS = {
 
 def make_config(budget: str, **overrides) -> TrainConfig:
     if budget not in BUDGETS:
-        raise UserError(f"unknown --budget '{budget}'; use one of {', '.join(BUDGETS)}")
+        raise UserError(f"unknown `budget` '{budget}'; use one of {', '.join(BUDGETS)}")
     cfg = replace(BUDGETS[budget], **{k: v for k, v in overrides.items() if v is not None})
     if cfg.rounds < 1 or cfg.router_steps < 0 or cfg.expert_steps < 0 or cfg.router_steps + cfg.expert_steps == 0:
-        raise UserError("training budget is 0: give --rounds >= 1 and at least one of --router-steps/--expert-steps > 0")
+        raise UserError("training budget is 0: give `rounds` >= 1 and at least one of `router_steps`/`expert_steps` > 0")
     if cfg.router_lr <= 0 or cfg.expert_lr <= 0 or not 0 < cfg.lr_decay <= 1:
-        raise UserError("learning rates must be > 0 and --lr-decay in (0, 1]")
+        raise UserError("learning rates must be > 0 and `lr_decay` in (0, 1]")
     if cfg.seq_len < 2 or cfg.batch_tokens < cfg.seq_len:
-        raise UserError("--seq-len must be >= 2 and --batch-tokens >= --seq-len")
+        raise UserError("`seq_len` must be >= 2 and `batch_tokens` >= `seq_len`")
     return cfg
 
 
@@ -106,7 +107,7 @@ def _load_weights(moe, out: Path) -> None:
     missing, unexpected = moe.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k not in moe.all_tied_weights_keys]
     if missing or unexpected:
-        raise UserError(f"cannot resume from {out}: its weights do not match the model; delete it or choose another --out")
+        raise UserError(f"cannot resume from {out}: its weights do not match the model; delete it or choose another `out`")
 
 
 def make_accelerator(precision: str = "no"):
@@ -121,7 +122,7 @@ def make_accelerator(precision: str = "no"):
 def _local(acc, idx: torch.Tensor) -> torch.Tensor:
     """This process's share of a global batch (all processes draw the same indices from the same seed)."""
     if len(idx) < acc.num_processes:
-        raise UserError(f"--batch-tokens gives {len(idx)} sequences per step, fewer than the {acc.num_processes} processes")
+        raise UserError(f"`batch_tokens` gives {len(idx)} sequences per step, fewer than the {acc.num_processes} processes")
     return idx[acc.process_index::acc.num_processes]
 
 
@@ -244,7 +245,7 @@ def train(moe, dense, tok, corpus: Corpus, domains: list[str], cfg: TrainConfig,
     if state_file.exists():
         state = json.loads(state_file.read_text())
         if {k: state.get(k) for k in want} != want:
-            raise UserError(f"{out} holds a run with other training settings; delete it or choose another --out")
+            raise UserError(f"{out} holds a run with other training settings; delete it or choose another `out`")
         done = state["phases_done"]
         history = [json.loads(ln) for ln in log_file.read_text().splitlines()] if log_file.exists() else []
         history = [h for h in history if h.get("i", 2 * h["round"] + (h["phase"] == "experts")) < done]
@@ -314,7 +315,7 @@ def saved_config(out: Path) -> tuple[TrainConfig, list[str], str] | None:
 def check_pair(moe, dense, tok) -> None:
     """The dense teacher and tokenizer must be the ones the MoE was carved from."""
     if moe.config.parent_fingerprint and not backbone.same_model(moe.config.parent_fingerprint, dense):
-        raise UserError("the dense model is not the parent this MoE was carved from; pass the right --dense")
+        raise UserError("the dense model is not the parent this MoE was carved from; pass the right `dense`")
     if len(tok) > moe.config.text_config.vocab_size:
         raise UserError(f"tokenizer has {len(tok)} tokens but the model's vocabulary is {moe.config.text_config.vocab_size}: "
                         "mismatched tokenizer")

@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import report
-from ..errors import UserError, atomic_write_json
+from ..atomic import atomic_write_json
 from .engine import Engine, EngineConfig
-from .expert_cache import POLICIES, min_hits
+from .expert_cache import POLICIES, check_cache, min_hits
 from .request import SamplingParams
 from .scheduler import SCHEDULERS, make_scheduler
 from .workload import WorkloadConfig, synthetic, trace
@@ -138,11 +138,10 @@ def bench(moe, checkpoint: Path, tok, corpus, dense_engine_model, cfg: BenchConf
     for s in cfg.schedulers:
         make_scheduler(s, cfg.token_budget)  # an unknown name fails here, before any run
     for p in cfg.policies:
-        if p not in POLICIES:
-            raise UserError(f"unknown cache policy '{p}'; use {', '.join(POLICIES)}")
+        check_cache(policy=p)
     E = moe.num_experts
-    if cfg.capacities and not all(1 <= c <= E for c in cfg.capacities):
-        raise UserError(f"--capacities must lie in [1, {E}]")
+    for c in cfg.capacities or ():
+        check_cache(c, num_experts=E, name="capacities")
     out.mkdir(parents=True, exist_ok=True)
     (out / "access").mkdir(exist_ok=True)
     wl = trace(tok, Path(cfg.trace)) if cfg.trace else synthetic(tok, corpus, cfg.workload)
@@ -275,7 +274,7 @@ def goals_markdown(judged: list[tuple[str, bool, str]]) -> str:
 
 
 def write_markdown(data: dict, path: Path) -> None:
-    from ..errors import atomic_write_text
+    from ..atomic import atomic_write_text
 
     h, rows = summary_rows(data)
     s = data["settings"]

@@ -14,30 +14,32 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from .. import backbone
 from ..errors import UserError
-from .expert_cache import ExpertCache, ExpertStore
+from .expert_cache import ExpertCache, ExpertStore, Policy, Store, check_cache
 from .request import Logprob, Request, RequestStatus, SamplingParams
 from .cost_model import StepCostModel
 from .prefetch import PrefetchSwitch, resolve_prefetch
-from .scheduler import SchedulerOutput, age, lookahead, make_scheduler
+from .scheduler import SchedulerName, SchedulerOutput, age, lookahead, make_scheduler
 from .step_runner import Segment, StepRunner, first_use_order
 
 
 @dataclass
 class EngineConfig:
-    scheduler: str = "expert-aware"
+    scheduler: SchedulerName = "expert-aware"
     token_budget: int = 128  # tokens per step: prefill runs 118 tok/s at 16, 409 at 128 on 2 CPU cores (SmolLM2 MoE)
     max_running: int = 16  # requests holding a KV cache at once; above token_budget the aging bound
     # loosens to max_wait + ceil(max_running / token_budget) steps
     max_wait: int = 8  # aging bound, in steps
     capacity: int | None = None  # resident routed experts per layer; None: all of them, loaded before the run
-    policy: str = "belady"
-    prefetch: bool | str = "auto"  # "auto": off on shared CPU cores; where a copy can overlap compute (a GPU, a
+    policy: Policy = "belady"
+    prefetch: bool | Literal["auto"] = "auto"  # "auto": off on shared CPU cores; where a copy can overlap compute (a GPU, a
     # link), on while measured faster than loading on demand (PrefetchSwitch)
-    store: str = "disk"  # "disk" (the checkpoint's safetensors) or "host"; host when no checkpoint is given
+    store: Store = "disk"  # "disk" (the checkpoint's safetensors) or "host"; host when no checkpoint is given
     lookahead: int = 16  # scheduler steps simulated for belady
     prefetch_depth: int = 2  # layers loaded ahead of the one computing
     link_gbps: float | None = None  # emulate a host->accelerator link of this bandwidth for expert loads
@@ -98,8 +100,7 @@ class Engine:
         self.sched = make_scheduler(cfg.scheduler, cfg.token_budget, cfg.max_wait, self.cost)
         if cfg.max_model_len is not None and cfg.max_model_len < 2:
             raise UserError("max_model_len must be >= 2 (a prompt token and an output token)")
-        if cfg.capacity is not None and not 1 <= cfg.capacity <= moe.num_experts:
-            raise UserError(f"--capacity must lie in [1, {moe.num_experts}]")
+        check_cache(cfg.capacity, cfg.policy, cfg.store, moe.num_experts)
         kind = cfg.store if checkpoint is not None else "host"
         device = next(moe.parameters()).device
         store = ExpertStore(moe, checkpoint, kind, device=device, link_gbps=cfg.link_gbps)
@@ -396,7 +397,7 @@ class Engine:
     def write_access_log(self, path: Path) -> None:
         """JSONL, one line per step and layer: the routed experts that layer needed in that step, in the order the
         layer used them (first use in the flat batch), so MIN can be recomputed from the file alone."""
-        from ..errors import atomic_write_text
+        from ..atomic import atomic_write_text
 
         L = len(self.runner.layers)
         atomic_write_text(path, "".join(json.dumps({"step": s, "layer": l, "experts": order}) + "\n"
@@ -404,10 +405,8 @@ class Engine:
 
     def resident_bytes(self) -> int:
         """Weights that must stay resident: everything but the routed experts, plus the cache's experts."""
-        routed = {id(getattr(ex, p).weight) for m in self.moe.moe_layers() for ex in m.experts
-                  for p in ("gate_proj", "up_proj", "down_proj")}
-        fixed = sum(t.numel() * t.element_size() for t in {id(t): t for t in self.moe.parameters()}.values()
-                    if id(t) not in routed)
+        routed = sum(backbone.num_params(ex) for m in self.moe.moe_layers() for ex in m.experts)
+        fixed = (backbone.num_params(self.moe) - routed) * self.runner.dtype.itemsize
         return fixed + self.cache.resident_bytes()
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -25,7 +25,24 @@ import torch
 from ..checkpoint import mapped_empty
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
-POLICIES = ("lru", "lfu", "random", "belady")
+Policy = Literal["lru", "lfu", "random", "belady"]
+Store = Literal["disk", "host"]
+POLICIES: tuple[Policy, ...] = get_args(Policy)
+STORES: tuple[Store, ...] = get_args(Store)
+
+
+def check_cache(capacity: int | None = None, policy: str | None = None, store: str | None = None,
+                num_experts: int | None = None, name: str = "capacity") -> None:
+    """The one validation of expert-cache settings: the engine, the cache, the benchmark and the CLI (before it
+    loads anything) all call it. `capacity` None means every expert resident."""
+    from ..errors import UserError
+
+    if policy is not None and policy not in POLICIES:
+        raise UserError(f"unknown `policy` '{policy}': use one of {', '.join(POLICIES)}")
+    if store is not None and store not in STORES:
+        raise UserError(f"unknown `store` '{store}': use one of {', '.join(STORES)}")
+    if capacity is not None and (capacity < 1 or (num_experts is not None and capacity > num_experts)):
+        raise UserError(f"`{name}` must lie in [1, {num_experts if num_experts is not None else 'experts'}], got {capacity}")
 
 
 def expert_key(layer: int, expert: int, proj: str) -> str:
@@ -79,7 +96,7 @@ class ExpertStore:
                     ws = tuple(getattr(ex, p).weight.detach().to("cpu").contiguous() for p in PROJ)
                     self._host[l, e] = tuple(w.pin_memory() if torch.cuda.is_available() else w for w in ws)
         else:
-            raise ValueError(f"unknown expert store '{kind}': use disk or host")
+            check_cache(store=kind)
         self.nbytes = {(l, e): sum(math.prod(s) for s in self._shapes(l, e)) * self.dtype.itemsize
                        for l in range(self.num_layers) for e in range(self.num_experts)}
         self.bytes_loaded = 0
@@ -141,10 +158,7 @@ class ExpertCache:
     in flight."""
 
     def __init__(self, store: ExpertStore, capacity: int, policy: str = "lru", prefetch: bool = False, seed: int = 0):
-        if policy not in POLICIES:
-            raise ValueError(f"unknown cache policy '{policy}': use one of {', '.join(POLICIES)}")
-        if capacity < 1:
-            raise ValueError("cache capacity must be >= 1")
+        check_cache(capacity, policy)
         self.store, self.capacity, self.policy = store, capacity, policy
         L = store.num_layers
         self.resident: list[dict[int, Future | tuple]] = [dict() for _ in range(L)]

@@ -25,7 +25,7 @@ steps is served first, so no token waits longer than that (given at most
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Literal, Protocol, Sequence, get_args
 
 from .cost_model import StepCostModel
 
@@ -195,7 +195,9 @@ class ExpertAware(Scheduler):
         return out
 
 
+SchedulerName = Literal["decode-first", "prefill-first", "expert-aware", "expert-aware-strict"]
 SCHEDULERS = {c.name: c for c in (DecodeFirst, PrefillFirst, ExpertAware, ExpertAwareStrict)}
+assert set(SCHEDULERS) == set(get_args(SchedulerName))
 
 
 def make_scheduler(name: str, token_budget: int, max_wait: int = 8, cost: StepCostModel | None = None) -> Scheduler:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..moe import add_routed
 
 # Linux's flag (Python < 3.12 lacks the constant): map the KV cache without reserving memory for all of it.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
@@ -169,23 +170,15 @@ class StepRunner:
         return F.linear(act(g) * u, down)[:m]
 
     def _mlp(self, l: int, x: torch.Tensor, ids: torch.Tensor, order: list[int]) -> torch.Tensor:
-        mlp = self.layers[l].mlp
-        act = mlp.shared.act_fn
-        sh = mlp.shared
+        sh = self.layers[l].mlp.shared
+        act = sh.act_fn
         out = sh(x) if self.shared_gu[l] is None else self._gated(x, self.shared_gu[l], sh.down_proj.weight, act)
-        for j, e in enumerate(order):
-            sel = (ids == e).nonzero().flatten()
-            gu, d = self.expert_fn(l, e, order[j:])
-            if gu.shape[0] == 0:
-                continue
-            xs = x.index_select(0, sel) if len(sel) < len(ids) else x
-            y = self._gated(xs, gu, d, act)
-            if len(sel) < len(ids):
-                out.index_add_(0, sel, y)
-            else:
-                out = out + y
-            del gu, d  # an evicted expert's memory goes as soon as the cache drops it, not after the next load
-        return out
+
+        def run(e: int, rows: torch.Tensor, rest: list[int]) -> torch.Tensor | None:
+            gu, d = self.expert_fn(l, e, rest)  # referenced only here: an evicted expert's memory goes at once
+            return self._gated(rows, gu, d, act) if gu.shape[0] else None
+
+        return add_routed(out, x, ids, order, run, inplace=True)
 
     def _decode_plan(self, segs: list[Segment], lens: list[int], offs: list[int]):
         """Index tensors for the step's one-token segments, which attend together in one call per layer."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .. import report
-from ..errors import atomic_write_json, atomic_write_text
+from ..atomic import atomic_write_json, atomic_write_text
 from .bench import goals_markdown, summarize
 from .engine import Engine, EngineConfig
 from .request import SamplingParams

@@ -32,7 +32,7 @@ class WorkloadConfig:
 
 def arrival_times(n: int, rate: float, kind: str, rng: random.Random) -> list[float]:
     if rate <= 0:
-        raise UserError("--rate must be > 0")
+        raise UserError("`rate` must be > 0")
     t, out = 0.0, []
     for _ in range(n):
         if kind == "poisson":
