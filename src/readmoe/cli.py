@@ -479,8 +479,11 @@ def main() -> None:
     except ImportError:  # pragma: no cover - older typer on plain click
         from click import exceptions as cx
 
+    from .backbone import quiet
+
     try:
-        code = app(standalone_mode=False)
+        with quiet():  # the CLI's own progress bars and messages say what happens; HF's stay at error level
+            code = app(standalone_mode=False)
     except UserError as e:
         print(f"error: {flag_speak(str(e))}", file=sys.stderr)
         sys.exit(2)
