@@ -132,16 +132,32 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def check_supported(model: nn.Module) -> None:
-    """A carvable MLP computes down(act(gate(x)) * up(x)) as separate modules."""
-    arch = type(model).__name__
-    for i, layer in enumerate(decoder_layers(model)):
-        mlp = getattr(layer, "mlp", None)
-        if mlp is None or not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) or not hasattr(mlp, "act_fn"):
-            raise UserError(
-                f"unsupported architecture {arch}: layer {i} MLP {type(mlp).__name__} is not a gated down(act(gate(x))*up(x)) "
-                "with gate_proj/up_proj/down_proj (supported: Llama, SmolLM, Mistral, Qwen2, Gemma-3 and alike)"
-            )
+def check_supported(model: nn.Module, serving: bool = False) -> None:
+    """The one architecture check. A dense parent is carvable when every MLP computes down(act(gate(x)) * up(x))
+    as separate modules; `serving`: the engine's step runner also needs a Llama-style decoder layer (pre-norms,
+    q/k/v/o projections, no sliding window). A readmoe model is checked through its backbone."""
+    backbone_model = getattr(model, "backbone", model)
+    arch = type(backbone_model).__name__
+    if getattr(model.config, "model_type", "") != "readmoe":
+        for i, layer in enumerate(decoder_layers(backbone_model)):
+            mlp = getattr(layer, "mlp", None)
+            if mlp is None or not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) or not hasattr(mlp, "act_fn"):
+                raise UserError(
+                    f"unsupported architecture {arch}: layer {i} MLP {type(mlp).__name__} is not a gated down(act(gate(x))*up(x)) "
+                    "with gate_proj/up_proj/down_proj (supported: Llama, SmolLM, Mistral, Qwen2, Gemma-3 and alike)"
+                )
+    if serving:
+        tc = text_config(backbone_model)
+        layer = decoder_layers(backbone_model)[0]
+        attn = layer.self_attn
+        ok = (hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")
+              and not hasattr(layer, "pre_feedforward_layernorm")
+              and all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")))
+        sliding = getattr(tc, "sliding_window", None) and getattr(tc, "use_sliding_window", True) and \
+            "sliding_attention" in (getattr(tc, "layer_types", None) or [])
+        if not ok or sliding:
+            raise UserError(f"the serving engine runs Llama-style decoders (llama, mistral, qwen2, smollm); "
+                            f"this model is '{tc.model_type}'")
 
 
 def mlps(model: nn.Module) -> list[nn.Module]:

@@ -10,27 +10,34 @@ Both start from the dense parent and train with the MoE's own budget.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .carve import build_model
 from .errors import UserError
 
+if TYPE_CHECKING:  # annotations only: importing these here would load transformers eagerly or cycle
+    from transformers import PreTrainedModel
+    from .modeling import ReadMEForCausalLM
+
+
 BASELINES = ("pruned", "layerwise")
 
 
-def carved_sets(moe):
+def carved_sets(moe: ReadMEForCausalLM):
     sets = moe.neuron_sets()
     return [s for s, _ in sets], [e for _, e in sets]
 
 
-def build_layerwise(moe, dense):
+def build_layerwise(moe: ReadMEForCausalLM, dense: PreTrainedModel):
     """The carved (untrained) experts of `moe`, rebuilt from the parent, with a linear gate per layer."""
     c = moe.config
     return build_model(dense, carved_sets(moe), list(c.expert_names), c.keep, c.carve_mode, c.parent_model,
                        c.router_dim, scores=moe.neuron_scores, routing="layerwise")
 
 
-def one_path_model(dense, keep: list[torch.Tensor], name: str, mode: str, keep_share: float, parent: str | None,
+def one_path_model(dense: PreTrainedModel, keep: list[torch.Tensor], name: str, mode: str, keep_share: float, parent: str | None,
                    scores: torch.Tensor | None = None):
     """A dense model over `keep[l]` neurons per layer, as a readmoe model with one empty routed expert."""
     empty = torch.zeros(0, dtype=torch.long)
@@ -38,7 +45,7 @@ def one_path_model(dense, keep: list[torch.Tensor], name: str, mode: str, keep_s
                        scores=scores)
 
 
-def build_pruned(moe, dense):
+def build_pruned(moe: ReadMEForCausalLM, dense: PreTrainedModel):
     """Same active MLP size per layer as `moe`, top neurons by `moe.neuron_scores`, no routed expert."""
     scores = moe.neuron_scores
     if not bool(scores.abs().sum() > 0):
@@ -49,7 +56,7 @@ def build_pruned(moe, dense):
     return one_path_model(dense, keep, "pruned", "pruned", moe.config.keep, moe.config.parent_model, scores)
 
 
-def build(name: str, moe, dense):
+def build(name: str, moe: ReadMEForCausalLM, dense: PreTrainedModel):
     if name == "pruned":
         return build_pruned(moe, dense)
     if name == "layerwise":

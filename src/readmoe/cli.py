@@ -336,9 +336,9 @@ def bench_serve(
     backbone.env_threads()
     dt = _dtype(dtype)
     moe, tok = load_readme(str(model), dt)
-    from .serving.step_runner import check_supported
+    from .backbone import check_supported
 
-    check_supported(moe)
+    check_supported(moe, serving=True)
     data = bench(moe, model, tok, Corpus(corpus), _parent_on_engine(moe, dense, dt), cfg, out)
     from . import report
     from .serving.bench import summary_rows
@@ -368,7 +368,7 @@ def _bench_sweep(model: Path, out: Path, quick: bool, schedulers: Optional[str],
     from . import backbone, report
     from .corpus import Corpus
     from .modeling import load_readme
-    from .serving.step_runner import check_supported
+    from .backbone import check_supported
     from .serving.sweep import SweepConfig, sweep, table, verdicts
 
     cfg = SweepConfig.quick() if quick else SweepConfig()
@@ -384,7 +384,7 @@ def _bench_sweep(model: Path, out: Path, quick: bool, schedulers: Optional[str],
         cfg.workload.requests = requests
     backbone.env_threads()
     moe, tok = load_readme(str(model), dtype)
-    check_supported(moe)
+    check_supported(moe, serving=True)
     data = sweep(moe, model, tok, Corpus(corpus), _parent_on_engine(moe, dense, dtype), cfg, out)
     h, rows = table(data)
     report.print_table(f"serving sweep (saturating rate {data['saturating_rate']:.2f} req/s)", h, rows)
@@ -425,7 +425,7 @@ def serve(
     from .serving import Engine, EngineConfig
     from .serving.engine_thread import EngineThread
     from .serving.expert_cache import check_cache
-    from .serving.step_runner import check_supported
+    from .backbone import check_supported
 
     if not (model / "config.json").is_file() and model == Path("runs/demo/model"):
         raise UserError("no model at runs/demo/model: run `make demo` first, or pass --model DIR")
@@ -454,11 +454,11 @@ def serve(
         d, _ = backbone.load_dense(moe.config.parent_model, dt)
         dm = dense_on_engine(d, moe)
         del d
-        check_supported(dm)
+        check_supported(dm, serving=True)
         engine = Engine(dm, cfg, eos_token_id=eos_ids(moe, tok), tokenizer=tok)
     else:
         engine = Engine.from_pretrained(model, cfg, dtype=dt)
-        check_supported(engine.moe)
+        check_supported(engine.moe, serving=True)
     name = served_model_name or (f"{model.resolve().name}-dense" if dense else model.resolve().name)
     app_ = build_app(EngineThread(engine, max_queued=max_queued), name, api_key)
     typer.echo(f"serving {model} as '{name}' in {str(dt).removeprefix('torch.')} on http://{host}:{port}/v1 "

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from .corpus import Corpus
+
+if TYPE_CHECKING:  # annotations only: importing these here would load transformers eagerly or cycle
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from .modeling import ReadMEForCausalLM
+
 
 
 @torch.no_grad()
@@ -39,7 +45,7 @@ def summed_nll(logits: torch.Tensor, x: torch.Tensor) -> float:
                                                    reduction="sum"))
 
 
-def domain_perplexities(moe, dense, tokenizer, corpus: Corpus, domains: list[str], n_seqs: int, seq_len: int,
+def domain_perplexities(moe: ReadMEForCausalLM, dense: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, corpus: Corpus, domains: list[str], n_seqs: int, seq_len: int,
                         batch_size: int = 2, seed: int = 0, baselines: dict | None = None) -> tuple[dict, dict, dict]:
     """Perplexity per variant and domain, the router's top-1 accuracy against oracle labels, and routing statistics.
 
@@ -131,7 +137,7 @@ def routing_stats(choices: dict, num_experts: int) -> dict:
 
 
 @torch.no_grad()
-def router_time_share(moe, prompt: torch.Tensor, steps: int = 32, repeats: int = 3) -> float | None:
+def router_time_share(moe: ReadMEForCausalLM, prompt: torch.Tensor, steps: int = 32, repeats: int = 3) -> float | None:
     """Batch-1 greedy decode: the router's share of the time of a whole MoE forward step (router included).
 
     A few warm-up steps first (first calls pay one-off allocation costs), then the median of `repeats` runs."""
@@ -142,7 +148,7 @@ def router_time_share(moe, prompt: torch.Tensor, steps: int = 32, repeats: int =
     return statistics.median(_decode_timing(moe, prompt, steps) for _ in range(repeats))
 
 
-def _decode_timing(moe, prompt: torch.Tensor, steps: int) -> float:
+def _decode_timing(moe: ReadMEForCausalLM, prompt: torch.Tensor, steps: int) -> float:
     import time
 
     out = moe(input_ids=prompt, use_cache=True)

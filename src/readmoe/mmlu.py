@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import json
 import random
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # annotations only: importing these here would load transformers eagerly or cycle
+    from transformers import PreTrainedTokenizerBase
+
 
 LETTERS = "ABCD"
 
@@ -49,7 +54,7 @@ def parse_count(arg: str | int | None) -> int | None:
     return int(arg)
 
 
-def _encode(tok, q: dict, max_prompt: int) -> tuple[list[int], list[list[int]]]:
+def _encode(tok: PreTrainedTokenizerBase, q: dict, max_prompt: int) -> tuple[list[int], list[list[int]]]:
     prompt = tok(f"Question: {q['question'].strip()}\nAnswer:")["input_ids"][-max_prompt:]
     answers = [tok(" " + str(q[f"answer_{c.lower()}"]).strip(), add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
                for c in LETTERS]
@@ -116,7 +121,7 @@ def _expert_ids(moe, items, ids):
 
 
 @torch.no_grad()
-def score(model, tok, questions: list[dict], batch_size: int = 8, max_prompt: int = 768, desc: str | None = None,
+def score(model, tok: PreTrainedTokenizerBase, questions: list[dict], batch_size: int = 8, max_prompt: int = 768, desc: str | None = None,
           routing: str = "model", reduce: str = "mean") -> dict:
     """Accuracy and per-question choices. `model` is a dense HF causal LM or a ReadMEForCausalLM;
     `routing="model"` lets a MoE route itself. `reduce`: an answer's score is its tokens' mean log-prob (the

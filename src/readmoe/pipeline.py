@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # annotations only: importing these here would load transformers eagerly or cycle
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from .modeling import ReadMEForCausalLM
+
 
 
 def carve_and_save(model_spec: str, st, keep: float, out: Path, experts: int | None = None,
@@ -83,7 +88,7 @@ def carve_and_save(model_spec: str, st, keep: float, out: Path, experts: int | N
     echo(f"wrote {out}")
 
 
-def ensure_baselines(model_dir: Path, moe, dense, tok, wanted: list[str], progress: bool = True,
+def ensure_baselines(model_dir: Path, moe: ReadMEForCausalLM, dense: PreTrainedModel, tok: PreTrainedTokenizerBase, wanted: list[str], progress: bool = True,
                      echo: Callable[[str], None] = print) -> dict:
     """Each baseline trained with the MoE's own budget, data and seed, into MODEL/baselines/NAME (resumable)."""
     from .baselines import build
@@ -114,7 +119,7 @@ def ensure_baselines(model_dir: Path, moe, dense, tok, wanted: list[str], progre
     return out
 
 
-def run_eval(moe, dense, tok, corpus, names: list[str], seqs: int, seq_len: int, out: Path, baselines: dict | None = None,
+def run_eval(moe: ReadMEForCausalLM, dense: PreTrainedModel, tok: PreTrainedTokenizerBase, corpus, names: list[str], seqs: int, seq_len: int, out: Path, baselines: dict | None = None,
              mmlu_n: int | None = 0, model_dir: Path | None = None, echo: Callable[[str], None] = print) -> dict:
     """The quality report (perplexity per domain against the parent and baselines, MMLU, router accuracy and
     cost, routing statistics, parameters): written as JSON, Markdown and plots beside `out`, and returned."""
@@ -196,7 +201,7 @@ def run_eval(moe, dense, tok, corpus, names: list[str], seqs: int, seq_len: int,
     return data
 
 
-def dense_on_engine(dense, moe):
+def dense_on_engine(dense: PreTrainedModel, moe: ReadMEForCausalLM):
     """The dense parent as a one-path model (every neuron in the shared expert), to serve it on the same engine."""
     import torch
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +24,15 @@ from . import backbone
 from .atomic import atomic_file
 from .errors import UserError
 
+if TYPE_CHECKING:  # annotations only: importing these here would load transformers eagerly or cycle
+    from transformers import PreTrainedModel
+    from .modeling import ReadMEForCausalLM
+
+
 TARGETS_FORMAT = "readmoe-targets/1"
 
 
-def expert_masks(moe) -> list[torch.Tensor]:
+def expert_masks(moe: ReadMEForCausalLM) -> list[torch.Tensor]:
     """Per layer a bool [E, I] membership matrix of the routed experts' dense neurons."""
     inter = moe.config.text_config.intermediate_size
     out = []
@@ -39,13 +45,13 @@ def expert_masks(moe) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def overlaps(dense, masks: list[torch.Tensor], input_ids: torch.Tensor, keep: float) -> torch.Tensor:
+def overlaps(dense: PreTrainedModel, masks: list[torch.Tensor], input_ids: torch.Tensor, keep: float) -> torch.Tensor:
     """[B, T, L, E]: share of each token's top-`keep` dense neurons inside each routed expert."""
     return overlaps_and_logits(dense, masks, input_ids, keep)[0]
 
 
 @torch.no_grad()
-def overlaps_and_logits(dense, masks: list[torch.Tensor], input_ids: torch.Tensor,
+def overlaps_and_logits(dense: PreTrainedModel, masks: list[torch.Tensor], input_ids: torch.Tensor,
                         keep: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The overlaps and the dense model's logits, from one forward pass."""
     acts: dict[int, torch.Tensor] = {}
@@ -85,7 +91,7 @@ def distill_loss(router_logits: torch.Tensor, ov: torch.Tensor, tau: float = 0.1
     return ce + kl
 
 
-def compute_targets(dense, moe, seqs: torch.Tensor, path: Path, batch_size: int = 4, progress: bool = True) -> torch.Tensor:
+def compute_targets(dense: PreTrainedModel, moe: ReadMEForCausalLM, seqs: torch.Tensor, path: Path, batch_size: int = 4, progress: bool = True) -> torch.Tensor:
     """Teacher overlaps for every training sequence, computed once and cached on disk (fp16)."""
     meta = {"format": TARGETS_FORMAT, "fingerprint": backbone.fingerprint(dense), "keep": moe.config.keep,
             "experts": list(moe.config.expert_names), "shape": list(seqs.shape)}
@@ -112,6 +118,6 @@ def load_targets(path: Path):
         return None
 
 
-def check_router(moe) -> None:
+def check_router(moe: ReadMEForCausalLM) -> None:
     if moe.num_experts < 2:
         raise UserError("this checkpoint has fewer than 2 routed experts: there is nothing for a router to choose")

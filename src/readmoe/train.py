@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,6 +33,11 @@ from .atomic import atomic_write_json, atomic_write_text
 from .errors import UserError
 from .evaluate import perplexity
 from .targets import compute_targets, distill_loss, oracle_labels
+
+if TYPE_CHECKING:  # annotations only: importing these here would load transformers eagerly or cycle
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from .modeling import ReadMEForCausalLM
+
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ def cosine(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
 
 
-def training_pool(tok, corpus: Corpus, domains: list[str], cfg: TrainConfig) -> torch.Tensor:
+def training_pool(tok: PreTrainedTokenizerBase, corpus: Corpus, domains: list[str], cfg: TrainConfig) -> torch.Tensor:
     """`pool_seqs` train-split sequences, an equal share per domain, interleaved."""
     per = math.ceil(cfg.pool_seqs / len(domains))
     parts = [corpus.sequences(tok, d, "train", per, cfg.seq_len) for d in domains]
@@ -89,7 +95,7 @@ def training_pool(tok, corpus: Corpus, domains: list[str], cfg: TrainConfig) -> 
     return torch.stack(rows[: cfg.pool_seqs])
 
 
-def _save_weights(moe, out: Path) -> None:
+def _save_weights(moe: ReadMEForCausalLM, out: Path) -> None:
     """Replace out/model.safetensors (and config/tokenizer files) atomically, file by file."""
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=out))
     try:
@@ -100,7 +106,7 @@ def _save_weights(moe, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_weights(moe, out: Path) -> None:
+def _load_weights(moe: ReadMEForCausalLM, out: Path) -> None:
     from safetensors.torch import load_file
 
     sd = load_file(str(out / "model.safetensors"))
@@ -138,7 +144,7 @@ class _Gates(nn.Module):
 
 
 @torch.no_grad()
-def layer_inputs(moe, seqs: torch.Tensor, ov: torch.Tensor, batch: int = 4, progress: bool = True) -> torch.Tensor:
+def layer_inputs(moe: ReadMEForCausalLM, seqs: torch.Tensor, ov: torch.Tensor, batch: int = 4, progress: bool = True) -> torch.Tensor:
     """[N, T, L, H] fp16: every MoE layer's input, with each layer routed by its own oracle label (teacher forcing)."""
     hard = ov.float().argmax(-1)
     layers, store = moe.moe_layers(), {}
@@ -155,7 +161,7 @@ def layer_inputs(moe, seqs: torch.Tensor, ov: torch.Tensor, batch: int = 4, prog
     return torch.cat(parts)
 
 
-def router_phase(moe, seqs, ov, labels, cfg: TrainConfig, rnd: int, log, progress: bool, acc) -> None:
+def router_phase(moe: ReadMEForCausalLM, seqs, ov, labels, cfg: TrainConfig, rnd: int, log, progress: bool, acc) -> None:
     """Distil the routing from the teacher targets; the backbone is frozen. For a layer-wise model the gates
     read each layer's input, recorded once per round."""
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 2 * rnd)
@@ -192,7 +198,7 @@ def router_phase(moe, seqs, ov, labels, cfg: TrainConfig, rnd: int, log, progres
     moe.requires_grad_(False)
 
 
-def expert_phase(moe, seqs, cfg: TrainConfig, rnd: int, log, progress: bool, acc) -> None:
+def expert_phase(moe: ReadMEForCausalLM, seqs, cfg: TrainConfig, rnd: int, log, progress: bool, acc) -> None:
     """LM loss on every non-router weight; the router's (or the gates') choices are fixed routing."""
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 2 * rnd + 1)
     lr0 = cfg.expert_lr * cfg.lr_decay ** rnd
@@ -222,12 +228,12 @@ def expert_phase(moe, seqs, cfg: TrainConfig, rnd: int, log, progress: bool, acc
     moe.requires_grad_(False)
 
 
-def recovery_seqs(tok, corpus: Corpus, domains: list[str], cfg: TrainConfig, per_domain: int = 1) -> torch.Tensor:
+def recovery_seqs(tok: PreTrainedTokenizerBase, corpus: Corpus, domains: list[str], cfg: TrainConfig, per_domain: int = 1) -> torch.Tensor:
     """A small fixed validation set, evaluated after every expert phase: the recovery curve."""
     return torch.cat([corpus.sequences(tok, d, "validation", per_domain, cfg.seq_len) for d in domains])
 
 
-def train(moe, dense, tok, corpus: Corpus, domains: list[str], cfg: TrainConfig, out: Path, progress: bool = True,
+def train(moe: ReadMEForCausalLM, dense: PreTrainedModel, tok: PreTrainedTokenizerBase, corpus: Corpus, domains: list[str], cfg: TrainConfig, out: Path, progress: bool = True,
           stop_after: int | None = None, targets_from: Path | None = None, accelerator=None,
           precision: str = "no") -> list[dict]:
     """Train in place and keep `out` (a checkpoint directory) current after every phase.
@@ -312,7 +318,7 @@ def saved_config(out: Path) -> tuple[TrainConfig, list[str], str] | None:
     return TrainConfig(**state["config"]), state["domains"], state["corpus"]
 
 
-def check_pair(moe, dense, tok) -> None:
+def check_pair(moe: ReadMEForCausalLM, dense: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
     """The dense teacher and tokenizer must be the ones the MoE was carved from."""
     if moe.config.parent_fingerprint and not backbone.same_model(moe.config.parent_fingerprint, dense):
         raise UserError("the dense model is not the parent this MoE was carved from; pass the right `dense`")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..backbone import check_supported
 from ..moe import add_routed
 
 # Linux's flag (Python < 3.12 lacks the constant): map the KV cache without reserving memory for all of it.
@@ -98,25 +98,11 @@ def first_use_order(segs: list[Segment]) -> list[int]:
     return list(dict.fromkeys(e for s in segs for e in s.experts))
 
 
-def check_supported(moe) -> None:
-    tc = moe.config.text_config
-    layer = moe.backbone.model.layers[0]
-    attn = layer.self_attn
-    ok = (hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")
-          and not hasattr(layer, "pre_feedforward_layernorm")
-          and all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")))
-    sliding = getattr(tc, "sliding_window", None) and getattr(tc, "use_sliding_window", True) and \
-        "sliding_attention" in (getattr(tc, "layer_types", None) or [])
-    if not ok or sliding:
-        raise UserError(f"the serving engine runs Llama-style decoders (llama, mistral, qwen2, smollm); "
-                        f"this model is '{tc.model_type}'")
-
-
 class StepRunner:
     """Runs flat ragged batches; owns the KV cache of `slots` sequences of up to `max_len` tokens each."""
 
     def __init__(self, moe, expert_fn, slots: int = 16, max_len: int | None = None):
-        check_supported(moe)
+        check_supported(moe, serving=True)
         self.moe = moe
         m = moe.backbone.model
         self.m, self.layers = m, list(m.layers)
