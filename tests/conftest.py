@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import ARCHS, byte_tokenizer, run, tiny_llama
+from helpers import ARCHS, byte_tokenizer, run, write_corpus_dir, write_dense_dir
 
 
 @pytest.fixture(params=list(ARCHS))
@@ -21,25 +21,13 @@ def tokenizer():
 @pytest.fixture
 def dense_dir(tmp_path):
     """A tiny Llama checkpoint directory with a tokenizer, as a user would point --model at."""
-    d = tmp_path / "tiny-llama"
-    tiny_llama().save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return d
+    return write_dense_dir(tmp_path / "tiny-llama")
 
 
 @pytest.fixture
 def corpus_dir(tmp_path):
     """Three small domains in the three accepted layouts: a sub-directory, a .txt and a .jsonl file."""
-    import json
-
-    root = tmp_path / "corpus"
-    (root / "prose").mkdir(parents=True)
-    for i in range(30):
-        (root / "prose" / f"doc{i}.txt").write_text(f"The quiet river number {i} runs past the old mill.\n\n" * 20)
-    (root / "code.txt").write_text("\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 8 for i in range(400)))
-    (root / "chat.jsonl").write_text("\n".join(json.dumps({"text": f"Hello {i}, how are you today? Fine, thanks. " * 12})
-                                              for i in range(80)))
-    return root
+    return write_corpus_dir(tmp_path / "corpus")
 
 
 @pytest.fixture

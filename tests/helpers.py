@@ -49,6 +49,40 @@ def tiny_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
 ARCHS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
 
 
+def write_dense_dir(d):
+    """A tiny Llama checkpoint directory with a tokenizer, as a user would point --model at."""
+    tiny_llama().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+def write_corpus_dir(root):
+    """Three small domains in the three accepted layouts: a sub-directory, a .txt and a .jsonl file."""
+    import json
+
+    (root / "prose").mkdir(parents=True)
+    for i in range(30):
+        (root / "prose" / f"doc{i}.txt").write_text(f"The quiet river number {i} runs past the old mill.\n\n" * 20)
+    (root / "code.txt").write_text("\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 8 for i in range(400)))
+    (root / "chat.jsonl").write_text("\n".join(json.dumps({"text": f"Hello {i}, how are you today? Fine, thanks. " * 12})
+                                              for i in range(80)))
+    return root
+
+
+def cli(*args) -> None:
+    """The CLI in-process, outside any test's fixtures (for module-scoped set-ups); fails on a non-zero exit."""
+    import pytest
+
+    from readmoe import cli as readmoe_cli
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["readmoe", *map(str, args)])
+        try:
+            readmoe_cli.main()
+        except SystemExit as e:
+            assert e.code in (0, None), f"readmoe {' '.join(map(str, args))} exited with {e.code}"
+
+
 def tiny_moe():
     """A tiny Llama carved into three experts whose router picks different experts for different tokens."""
     from readmoe.carve import build_model, domain_sets
