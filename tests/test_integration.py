@@ -11,7 +11,7 @@ from readmoe.modeling import load_readme
 
 from helpers import masked_dense_logits
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -281,6 +281,7 @@ def test_metrics(live, client):
     assert float(misses.split()[-1]) > 0, "capacity 2 of 3 experts: some accesses load"
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error(live, tmp_path):
     """Fuzz every documented endpoint from /openapi.json; bounded examples, loopback only."""
     st = os.path.join(os.path.dirname(sys.executable), "schemathesis")
@@ -292,6 +293,7 @@ def test_schemathesis_finds_no_server_error(live, tmp_path):
 
 
 # ---------------------------------------------------------------- the CLI: a real process, SIGTERM drains
+@pytest.mark.slow
 def test_cli_serve_drains_on_sigterm(ckpt, tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "readmoe.cli", "serve", "--model", str(ckpt), "--port", str(port),

@@ -263,6 +263,7 @@ def test_engine_bad_input(served):
         Engine(moe, EngineConfig(capacity=9), checkpoint=d)
 
 
+@pytest.mark.slow
 def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, capsys):
     import json
 
@@ -305,6 +306,7 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
           "--policies", "fifo")
 
 
+@pytest.mark.slow
 def test_cli_bench_serve_sweep(workflow, corpus_dir, tmp_path, monkeypatch, capsys):
     """The quick sweep: every rate x memory setting x scheduler, on-demand behind the link, the dense parent;
     the goals judged from those runs; one latency plot per memory setting and the throughput plot."""

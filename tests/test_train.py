@@ -78,6 +78,7 @@ def test_training_lowers_losses_and_raises_router_accuracy(setup, tmp_path):
     assert state["complete"] and state["phases_done"] == 4
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(setup, tmp_path):
     dense, tok, corpus, make = setup
     cfg = make_config("demo", **CFG)
@@ -119,6 +120,7 @@ def test_cli_train_bad_inputs(tmp_path, workflow, dense_dir, corpus_dir, monkeyp
     assert not (tmp_path / "t" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_cli_train_then_eval(tmp_path, workflow, corpus_dir, monkeypatch, capsys):
     _, model = workflow
     code, out, err = run(monkeypatch, capsys, "train", "--model", model, "--corpus", corpus_dir, "--out", tmp_path / "t",
