@@ -11,6 +11,7 @@ activation sketches recorded by `calibrate`).
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -203,9 +204,15 @@ class ParentCheckpoint:
     def mlp_key(layer: int, proj: str, kind: str = "weight") -> str:
         return f"model.layers.{layer}.mlp.{proj}.{kind}"
 
+    @functools.cached_property
+    def fingerprint_pair(self) -> tuple[str, str]:
+        """(its fingerprint, its bf16 one), each sampled down_proj read from disk once."""
+        read: dict[int, torch.Tensor] = {}
+        down = lambda l: read.setdefault(l, self.ckpt.read(self.mlp_key(l, "down_proj")))  # noqa: E731
+        return backbone.fingerprint_from(self.text_config, down), backbone.fingerprint_from(self.text_config, down, True)
+
     def fingerprints(self) -> set[str]:
-        down = lambda l: self.ckpt.read(self.mlp_key(l, "down_proj"))  # noqa: E731
-        return {backbone.fingerprint_from(self.text_config, down), backbone.fingerprint_from(self.text_config, down, True)}
+        return set(self.fingerprint_pair)
 
     def params(self) -> int:
         return sum(math.prod(self.ckpt.shape(k)) for k in self.ckpt.keys())
@@ -230,8 +237,8 @@ def carve_streaming(parent: ParentCheckpoint, sets: Sets, names: list[str], keep
     from .router import PreGatingRouter
 
     shared, experts = sets
-    fp = backbone.fingerprint_from(parent.text_config, lambda l: parent.ckpt.read(parent.mlp_key(l, "down_proj")))
-    cfg = readme_config(parent.text_config, sets, names, keep, mode, parent_spec, fp, router_dim, "pregate")
+    cfg = readme_config(parent.text_config, sets, names, keep, mode, parent_spec, parent.fingerprint_pair[0], router_dim,
+                        "pregate")
     with init_empty_weights():
         model = ReadMEForCausalLM(cfg)
     model.router = PreGatingRouter(cfg.router_config())
@@ -250,23 +257,15 @@ def carve_streaming(parent: ParentCheckpoint, sets: Sets, names: list[str], keep
     for l, mm in enumerate(tqdm(model.moe_layers(), desc="carve", unit="layer", disable=not progress)):
         prefix = f"backbone.model.layers.{l}."
         group = {k: cast(parent.ckpt.read(k[len("backbone."):])) for k in todo if k.startswith(prefix) and ".mlp." not in k}
-        dense_mlp = {(p, kind): parent.ckpt.read(parent.mlp_key(l, p, kind))
+        dense_mlp = {f"{p}.{kind}": parent.ckpt.read(parent.mlp_key(l, p, kind))
                      for p in ("gate_proj", "up_proj", "down_proj") for kind in ("weight", "bias")
                      if parent.mlp_key(l, p, kind) in parent.ckpt}
         for name, idx, down_bias in [("shared", shared[l], True)] + [(f"experts.{e}", idx, False) for e, idx in enumerate(experts[l])]:
             idx = idx.to(torch.long)
-            sub = mm.get_submodule(name)
-            sub.neuron_idx.copy_(idx)
+            mm.get_submodule(name).neuron_idx.copy_(idx)
             p = f"{prefix}mlp.{name}."
             group[p + "neuron_idx"] = idx.clone()
-            group[p + "gate_proj.weight"] = cast(dense_mlp["gate_proj", "weight"][idx])
-            group[p + "up_proj.weight"] = cast(dense_mlp["up_proj", "weight"][idx])
-            group[p + "down_proj.weight"] = cast(dense_mlp["down_proj", "weight"][:, idx])
-            for proj in ("gate_proj", "up_proj"):
-                if (proj, "bias") in dense_mlp:
-                    group[p + f"{proj}.bias"] = cast(dense_mlp[proj, "bias"][idx])
-            if down_bias and ("down_proj", "bias") in dense_mlp:
-                group[p + "down_proj.bias"] = cast(dense_mlp["down_proj", "bias"])
+            group.update({p + k: cast(t) for k, t in expert_tensors(dense_mlp, idx, down_bias).items()})
         writer.add(group)
         del dense_mlp, group
     rest = {}
@@ -286,17 +285,25 @@ def carve_streaming(parent: ParentCheckpoint, sets: Sets, names: list[str], keep
     return model
 
 
+def expert_tensors(dense_mlp: dict[str, torch.Tensor], idx: torch.Tensor, down_bias: bool) -> dict[str, torch.Tensor]:
+    """The expert over neurons `idx` of a dense MLP given as {"gate_proj.weight": ..., "up_proj.bias": ...}: rows of
+    gate and up, columns of down; the down bias only for the shared expert (it is added once per token)."""
+    out = {"gate_proj.weight": dense_mlp["gate_proj.weight"][idx], "up_proj.weight": dense_mlp["up_proj.weight"][idx],
+           "down_proj.weight": dense_mlp["down_proj.weight"][:, idx]}
+    for name in ("gate_proj.bias", "up_proj.bias"):
+        if name in dense_mlp:
+            out[name] = dense_mlp[name][idx]
+    if down_bias and "down_proj.bias" in dense_mlp:
+        out["down_proj.bias"] = dense_mlp["down_proj.bias"]
+    return out
+
+
 def _fill(dst, src, idx: torch.Tensor, down_bias: bool) -> None:
     idx = idx.to(torch.long)
     dst.neuron_idx.copy_(idx)
-    dst.gate_proj.weight.copy_(src.gate_proj.weight[idx])
-    dst.up_proj.weight.copy_(src.up_proj.weight[idx])
-    dst.down_proj.weight.copy_(src.down_proj.weight[:, idx])
-    for name in ("gate_proj", "up_proj"):
-        if getattr(src, name).bias is not None:
-            getattr(dst, name).bias.copy_(getattr(src, name).bias[idx])
-    if down_bias and src.down_proj.bias is not None:
-        dst.down_proj.bias.copy_(src.down_proj.bias)
+    dense_mlp = {k: v for k, v in src.state_dict(keep_vars=True).items() if v is not None}
+    for name, t in expert_tensors(dense_mlp, idx, down_bias).items():
+        dst.get_parameter(name).copy_(t)
 
 
 def param_summary(model: ReadMEForCausalLM) -> dict:

@@ -51,7 +51,7 @@ class TensorFile:
         with open(self.path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
-        self.metadata = header.pop("__metadata__", None) or {}
+        header.pop("__metadata__", None)
         self.base = 8 + n
         self.info = header
         self._fd = os.open(self.path, os.O_RDONLY)
@@ -64,10 +64,6 @@ class TensorFile:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.info[key]["shape"])
-
-    def nbytes(self, key: str) -> int:
-        start, end = self.info[key]["data_offsets"]
-        return end - start
 
     def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor, in its stored dtype; into `out` (a contiguous CPU tensor of that dtype and shape) if given."""
@@ -120,9 +116,6 @@ class Checkpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.where[key].shape(key)
-
-    def nbytes(self, key: str) -> int:
-        return self.where[key].nbytes(key)
 
     def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         if key not in self.where:

@@ -243,8 +243,6 @@ def load_readme(path: str, dtype: torch.dtype = torch.float32,
 
     `routed=False` leaves the routed experts' weights on the meta device (shapes without memory): for an engine
     whose expert store reads them from the checkpoint, so a parent-size MoE never sits in memory whole."""
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
     from .errors import UserError
@@ -276,7 +274,7 @@ def load_readme(path: str, dtype: torch.dtype = torch.float32,
     return model, tok
 
 
-def _load_without_routed(path, dtype: torch.dtype) -> ReadMEForCausalLM:
+def _load_without_routed(path: Path, dtype: torch.dtype) -> ReadMEForCausalLM:
     """The model skeleton on the meta device (accelerate's big-model recipe), then every tensor but the routed
     experts' read from the checkpoint one at a time, cast, and assigned in place."""
     from accelerate import init_empty_weights
@@ -307,6 +305,6 @@ def _load_without_routed(path, dtype: torch.dtype) -> ReadMEForCausalLM:
                 if w is not None:
                     mod._parameters[name] = nn.Parameter(w.to(dtype), requires_grad=False)
     model.experts_offloaded = True
-    if (Path(path) / "generation_config.json").is_file():
+    if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(path))
     return model
