@@ -417,6 +417,18 @@ def serve(
     max_model_len: int = typer.Option(4096, help="longest request (prompt + output) in tokens; each running request "
                                                  "reserves KV for this many (on CPU only the tokens held use memory)"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    replicas: int = typer.Option(1, help="engine replicas; above 1 they run on Ray Serve (local, or the cluster in "
+                                         "RAY_ADDRESS) behind one ingress"),
+    route: str = typer.Option("affinity", help="with --replicas > 1, how requests pick a replica: affinity (where "
+                                               "their pre-gated experts are resident), pow2 (Ray's default), "
+                                               "round-robin"),
+    affinity_bound: int = typer.Option(4, help="affinity falls back to the least-loaded replica when the preferred "
+                                               "one has this many more requests queued"),
+    num_cpus: float = typer.Option(1.0, help="Ray CPUs per engine replica"),
+    num_gpus: float = typer.Option(0.0, help="Ray GPUs per engine replica"),
+    threads: int = typer.Option(0, help="torch threads per replica (default: --num-cpus, at least 1)"),
+    emit_config: Optional[Path] = typer.Option(None, help="write a `serve deploy` YAML for these settings to this "
+                                                          "file and exit (multi-node: see docs/scale-out.md)"),
 ):
     """Serve the MoE over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (SSE streaming),
     /v1/models, /health, /metrics (Prometheus), /tokenize, /detokenize."""
@@ -445,6 +457,23 @@ def serve(
                        capacity=capacity, policy=policy, prefetch=modes[prefetch], store=store, link_gbps=link_gbps,
                        max_model_len=max_model_len)
     dt = _dtype(dtype)
+    if replicas > 1 or emit_config is not None:
+        if dense:
+            raise UserError("--dense serves on one engine: drop --replicas and --emit-config")
+        from dataclasses import asdict
+
+        from .cluster.deploy import ClusterArgs
+
+        args = ClusterArgs(str(model), replicas, route, served_model_name or model.resolve().name, api_key,
+                           asdict(cfg), dtype, max_queued, threads, num_cpus, num_gpus, affinity_bound).check()
+        if emit_config is not None:
+            from .atomic import atomic_write_text
+            from .cluster.deploy import config_yaml
+
+            atomic_write_text(emit_config, config_yaml(args, host, port))
+            typer.echo(f"wrote {emit_config}: on a Ray cluster, `serve deploy {emit_config}` (docs/scale-out.md)")
+            return
+        return _serve_replicas(args, host, port)
     backbone.env_threads()
     if dense:
         from .modeling import load_readme
@@ -465,6 +494,20 @@ def serve(
                "(metrics at /metrics); Ctrl-C or SIGTERM drains")
     run_server(app_, host, port, drain_timeout)
     typer.echo("drained; bye")
+
+
+def _serve_replicas(args, host: str, port: int) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise UserError("--replicas > 1 needs Ray Serve: pip install 'readmoe[cluster]'")
+    from .cluster.deploy import run
+
+    typer.echo(f"deploying {args.replicas} engine replicas of {args.model} on Ray Serve (route: {args.route}) ...")
+    run(args, host, port, on_ready=lambda: typer.echo(
+        f"serving '{args.served_model_name}' on http://{host}:{port}/v1 (metrics at /metrics); Ctrl-C or SIGTERM "
+        "stops the deployment"))
+    typer.echo("stopped; bye")
 
 
 def flag_speak(message: str) -> str:

@@ -308,3 +308,25 @@ def _load_without_routed(path: Path, dtype: torch.dtype) -> ReadMEForCausalLM:
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(path))
     return model
+
+
+def load_router(path: str | Path) -> tuple[PreGatingRouter, object]:
+    """Only the pre-gating router (fp32) and the tokenizer of a carved checkpoint: what a front end needs to know a
+    request's experts before any replica sees it, at a few MB instead of the whole model."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import Checkpoint
+    from .errors import UserError
+
+    p = Path(path).expanduser()
+    config = ReadMEConfig.from_pretrained(str(p))
+    if config.routing != "pregate":
+        raise UserError(f"'{path}' is routed layer by layer and has no pre-gating router to route requests with")
+    router = PreGatingRouter(config.router_config())
+    ckpt = Checkpoint(p)
+    try:
+        sd = {k.removeprefix("router."): ckpt.read(k).float() for k in ckpt.keys() if k.startswith("router.")}
+    finally:
+        ckpt.close()
+    router.load_state_dict(sd)
+    return router.eval(), AutoTokenizer.from_pretrained(str(p))

@@ -1,9 +1,12 @@
-"""The OpenAI-compatible HTTP server over one engine thread.
+"""The OpenAI-compatible HTTP server over an engine backend.
 
 The asyncio side only translates: it tokenizes, validates (a user's mistake is a
-4xx with OpenAI's error body, never a 500), hands requests to the `EngineThread`,
-and turns the tokens it pushes back into JSON or Server-Sent Events. A request
-whose client goes away is cancelled, which frees its KV cache within one step.
+4xx with OpenAI's error body, never a 500), hands requests to the backend, and
+turns the tokens it pushes back into JSON or Server-Sent Events. A request whose
+client goes away is cancelled, which frees its KV cache within one step.
+
+The backend is one `EngineThread` (`readmoe serve`), or, scaled out, the Ray
+ingress's `RemoteEngines`, which routes each request to an engine replica.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
-from ..serving.engine_thread import EngineThread, Handle, QueueFull, RequestOutput
+from ..serving.engine_thread import QueueFull, RequestOutput
 from ..serving.request import Logprob, SamplingParams
 from .metrics import ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, TokenizeRequest,
@@ -62,27 +66,47 @@ class Choice:
     prompt_ids: list[int]
     prompt_text: str
     arrival: float
-    handle: Handle | None = None
+    handle: object = None  # the backend's reference, for cancel
     ids: list[int] = field(default_factory=list)
     logprobs: list[Logprob] = field(default_factory=list)
     experts: list[int] = field(default_factory=list)
+    stops: tuple[str, ...] = ()
     sent: str = ""
     finish_reason: str | None = None
     last_token_at: float | None = None
     echoed: bool = False
 
 
-class Server:
-    """State shared by the routes: the engine thread, the tokenizer, names, metrics, the drain flag."""
+class Backend(Protocol):
+    """What the routes need of the engines behind them: `EngineThread` is one in this process; the Ray ingress's
+    `RemoteEngines` routes to replicas. `submit` validates (UserError) or refuses (QueueFull) at once; events reach
+    `sink` from any thread, a request's last one with `finished`."""
 
-    def __init__(self, engine_thread: EngineThread, served_model_name: str, api_key: str | None = None):
-        self.et, self.eng = engine_thread, engine_thread.engine
-        self.tok = self.eng.tok
+    tok: object
+    max_len: int | None
+    vocab_size: int
+    num_experts: int
+    alive: bool
+
+    def start(self): ...
+    def stop(self, timeout: float | None = None) -> None: ...
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink) -> object: ...
+    def cancel(self, handle) -> None: ...
+    def attach_metrics(self, metrics: ServerMetrics) -> None: ...
+    def refresh_metrics(self, metrics: ServerMetrics) -> None: ...
+
+
+class Server:
+    """State shared by the routes: the backend, the tokenizer, names, metrics, the drain flag."""
+
+    def __init__(self, backend: Backend, served_model_name: str, api_key: str | None = None):
+        self.et = backend
+        self.tok = backend.tok
         self.name, self.api_key = served_model_name, api_key
-        self.metrics = ServerMetrics(served_model_name, self.eng.moe.num_experts)
-        engine_thread.on_step, engine_thread.on_finish = self.metrics.on_step, self.metrics.on_finish
+        self.metrics = ServerMetrics(served_model_name, backend.num_experts)
+        backend.attach_metrics(self.metrics)
         self.draining = False
-        self.max_len = self.eng.max_len
+        self.max_len = backend.max_len
 
     # ------------------------------------------------------------ request -> engine
     def check_model(self, model: str | None) -> None:
@@ -110,7 +134,7 @@ class Server:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         now = time.monotonic()
-        choices = [Choice(i, ids, text, now) for i, (ids, text) in enumerate(prompts)]
+        choices = [Choice(i, ids, text, now, stops=params.stop) for i, (ids, text) in enumerate(prompts)]
         try:
             for c in choices:
                 c.handle = self.et.submit(c.prompt_ids, params,
@@ -133,7 +157,7 @@ class Server:
             raise APIError(400, f"{param} is not valid UTF-8 text", param) from None
 
     def check_ids(self, ids: list[int], param: str) -> list[int]:
-        V = self.eng.vocab_size
+        V = self.et.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < V for t in ids):
             raise APIError(400, f"token ids must lie in [0, {V})", param)
         return ids
@@ -157,11 +181,10 @@ class Server:
         c.experts += ev.new_experts
         if ev.finished:
             c.finish_reason = ev.finish_reason or "cancelled"
-            text = self.eng.text(ev.request) if ev.request is not None else self.tok.decode(c.ids, skip_special_tokens=True)
+            text = ev.text if ev.text is not None else self.tok.decode(c.ids, skip_special_tokens=True)
         else:
             text = self.tok.decode(c.ids, skip_special_tokens=True).rstrip("\ufffd")
-            stops = ev.request.params.stop if ev.request is not None else ()
-            hold = max((len(s) for s in stops), default=1) - 1
+            hold = max((len(s) for s in c.stops), default=1) - 1
             text = text[:len(text) - hold] if hold else text
         if not text.startswith(c.sent) or len(text) <= len(c.sent):
             return ""
@@ -199,26 +222,26 @@ class Server:
         c.echoed = True
         lp = None
         if logprobs is not None:
-            entries = ev.request.prompt_logprobs if ev.request is not None else []
+            entries = list(ev.prompt_logprobs)
             entries = (entries + [None] * len(c.prompt_ids))[:len(c.prompt_ids)]
             lp = self.legacy_logprobs(entries, c.prompt_ids, 0)
         return c.prompt_text, lp
 
 
-def build_app(engine_thread: EngineThread, served_model_name: str = "readmoe", api_key: str | None = None,
+def build_app(backend: Backend, served_model_name: str = "readmoe", api_key: str | None = None,
               start_engine: bool = True) -> FastAPI:
-    """The FastAPI app. The lifespan starts the engine thread and, at shutdown, stops it."""
+    """The FastAPI app. The lifespan starts the backend (the engine thread) and, at shutdown, stops it."""
     from contextlib import asynccontextmanager
 
-    srv = Server(engine_thread, served_model_name, api_key)
+    srv = Server(backend, served_model_name, api_key)
 
     @asynccontextmanager
     async def lifespan(app):
-        if start_engine and not engine_thread.alive:
-            engine_thread.start()
+        if start_engine and not backend.alive:
+            backend.start()
         yield
         srv.draining = True
-        engine_thread.stop(timeout=10)
+        backend.stop(timeout=10)
 
     app = FastAPI(title="readmoe", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible server for a pre-gated Read-ME Mixture-of-Experts.")
@@ -256,15 +279,15 @@ def build_app(engine_thread: EngineThread, served_model_name: str = "readmoe", a
 
     @app.get("/health", responses={503: DOCUMENTED[503]})
     async def health():
-        if srv.draining or not engine_thread.alive:
-            return error_response(503, "draining" if srv.draining else "the engine thread is not running")
+        if srv.draining or not backend.alive:
+            return error_response(503, "draining" if srv.draining else "the engine is not running")
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        srv.metrics.refresh(srv.eng)
+        backend.refresh_metrics(srv.metrics)
         return PlainTextResponse(generate_latest(srv.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=guard, responses={401: DOCUMENTED[401]})
@@ -307,6 +330,8 @@ def build_app(engine_thread: EngineThread, served_model_name: str = "readmoe", a
             ch = {"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
             if body.return_experts:
                 ch["experts"] = ev.new_experts
+                if ev.replica is not None:
+                    ch["replica"] = ev.replica
             return ch
 
         if body.stream:
@@ -318,7 +343,7 @@ def build_app(engine_thread: EngineThread, served_model_name: str = "readmoe", a
                         c = choices[i]
                         if ev.error:
                             c.finish_reason = "error"
-                            yield sse(error_body(500, ev.error))
+                            yield sse(error_body(ev.error_code, ev.error))
                             break
                         before = sent_len[i]
                         delta = srv.advance(c, ev)
@@ -358,6 +383,8 @@ def build_app(engine_thread: EngineThread, served_model_name: str = "readmoe", a
                 ch["logprobs"] = srv.chat_logprobs(ev.new_logprobs)
             if body.return_experts:
                 ch["experts"] = ev.new_experts
+                if ev.replica is not None:
+                    ch["replica"] = ev.replica
             return ch
 
         if body.stream:
@@ -370,7 +397,7 @@ def build_app(engine_thread: EngineThread, served_model_name: str = "readmoe", a
                         _, ev = await q.get()
                         if ev.error:
                             c.finish_reason = "error"
-                            yield sse(error_body(500, ev.error))
+                            yield sse(error_body(ev.error_code, ev.error))
                             break
                         delta = srv.advance(c, ev)
                         ch = {"index": 0, "delta": {"content": delta} if delta else {}, "logprobs": None,
@@ -408,7 +435,7 @@ def build_app(engine_thread: EngineThread, served_model_name: str = "readmoe", a
         t = srv.tok
         return {"tokenizer_class": type(t).__name__, "eos_token": t.eos_token, "eos_token_id": t.eos_token_id,
                 "bos_token": t.bos_token, "pad_token": t.pad_token, "chat_template": t.chat_template,
-                "model_max_length": srv.max_len, "vocab_size": srv.eng.vocab_size}
+                "model_max_length": srv.max_len, "vocab_size": backend.vocab_size}
 
     return app
 
@@ -443,6 +470,8 @@ async def collect(srv: Server, choices: list[Choice], q: asyncio.Queue, request:
         srv.advance(choices[i], ev)
         m = merged[i]
         m.request = ev.request or m.request
+        m.prompt_logprobs = m.prompt_logprobs or ev.prompt_logprobs
+        m.text, m.replica = ev.text, ev.replica or m.replica
         m.new_ids += ev.new_ids
         m.new_logprobs += ev.new_logprobs
         m.new_experts += ev.new_experts

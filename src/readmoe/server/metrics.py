@@ -49,10 +49,13 @@ class ServerMetrics:
 
     def on_finish(self, r) -> None:
         """Called by the engine thread when a request ends, whether or not its client is still reading."""
-        self.generation_tokens.labels(self.model).inc(len(r.output_ids))
-        self.success.labels(self.model, r.finish_reason).inc()
-        if r.finish_s is not None:
-            self.e2e.labels(self.model).observe(r.finish_s - r.arrival_s)
+        self.finished(len(r.output_ids), r.finish_reason, None if r.finish_s is None else r.finish_s - r.arrival_s)
+
+    def finished(self, tokens: int, reason: str, seconds: float | None) -> None:
+        self.generation_tokens.labels(self.model).inc(tokens)
+        self.success.labels(self.model, reason).inc()
+        if seconds is not None:
+            self.e2e.labels(self.model).observe(seconds)
 
     def refresh(self, engine) -> None:
         """The gauges, also between steps (a cancelled request frees its KV without a step)."""

@@ -42,7 +42,7 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    return_experts: bool = Field(False, description="add, per choice, the pre-gated routed expert of every generated token")
+    return_experts: bool = Field(False, description="add, per choice, the pre-gated routed expert of every generated token (and, scaled out, the replica that ran it)")
 
 
 class CompletionRequest(_Sampling):

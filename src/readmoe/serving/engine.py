@@ -21,7 +21,7 @@ import torch
 from .. import backbone
 from ..errors import UserError
 from .expert_cache import ExpertCache, ExpertStore, Policy, Store, check_cache
-from .request import Logprob, Request, RequestStatus, SamplingParams
+from .request import Logprob, Request, RequestStatus, SamplingParams, validate
 from .cost_model import StepCostModel
 from .prefetch import PrefetchSwitch, resolve_prefetch
 from .scheduler import SchedulerName, SchedulerOutput, age, lookahead, make_scheduler
@@ -148,19 +148,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise a UserError for a request this engine cannot serve. Reads only fixed state: safe from any thread."""
-        if not prompt_ids:
-            raise UserError("empty prompt: give at least one token")
-        if self.max_len and len(prompt_ids) >= self.max_len:
-            raise UserError(f"prompt of {len(prompt_ids)} tokens does not fit the engine's context window of "
-                            f"{self.max_len} tokens (max_model_len); shorten it")
-        if params.max_tokens < 1:
-            raise UserError("max_tokens must be >= 1")
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
-            raise UserError("temperature must be >= 0, top_p in (0, 1] and top_k >= 0")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
-            raise UserError(f"prompt token ids must lie in [0, {self.vocab_size})")
-        if params.stop and self.tok is None:
-            raise UserError("stop strings need the engine's tokenizer: use Engine.from_pretrained or pass tokenizer=")
+        validate(prompt_ids, params, self.max_len, self.vocab_size, self.tok is not None)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None, arrival_s: float | None = None) -> Request:
         params = params or SamplingParams()

@@ -39,6 +39,15 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None  # the engine failed: the request ends with this message
+    error_code: int = 500  # its HTTP status: 500 a failed step, 503 a lost replica or a full queue (retry)
+    text: str | None = None  # when finished: the whole output text, cut before a stop string
+    prompt_logprobs: list[Logprob | None] = field(default_factory=list)  # in the request's first event
+    replica: str | None = None  # which engine replica served it (scale-out; None for a single engine)
+
+    def detached(self, replica: str | None = None) -> "RequestOutput":
+        """A copy without the engine's Request, small enough to send to another process."""
+        return RequestOutput(None, self.new_ids, self.new_logprobs, self.new_experts, self.finished,
+                             self.finish_reason, self.error, self.error_code, self.text, self.prompt_logprobs, replica)
 
 
 Sink = Callable[[RequestOutput], None]
@@ -74,6 +83,30 @@ class EngineThread:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
+
+    # what the HTTP server needs to know of the engine behind it (the Ray ingress answers the same)
+    @property
+    def tok(self):
+        return self.engine.tok
+
+    @property
+    def max_len(self) -> int | None:
+        return self.engine.max_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    @property
+    def num_experts(self) -> int:
+        return self.engine.moe.num_experts
+
+    def attach_metrics(self, metrics) -> None:
+        """Have the engine thread update the server's Prometheus metrics after every step and finished request."""
+        self.on_step, self.on_finish = metrics.on_step, metrics.on_finish
+
+    def refresh_metrics(self, metrics) -> None:
+        metrics.refresh(self.engine)
 
     def num_waiting(self) -> int:
         """Requests not yet holding a KV cache (read without the engine's cooperation: approximate by a step)."""
@@ -165,7 +198,8 @@ class EngineThread:
             self.engine.cancel(r.rid)
             h = self._live.pop(r.rid, None)
             if h is not None:
-                h.sink(RequestOutput(r, r.output_ids[h.sent:], finished=True, finish_reason="error", error=message))
+                h.sink(RequestOutput(r, r.output_ids[h.sent:], finished=True, finish_reason="error", error=message,
+                                     prompt_logprobs=r.prompt_logprobs if h.sent == 0 else []))
             if self.on_finish is not None:
                 self.on_finish(r)
 
@@ -175,8 +209,10 @@ class EngineThread:
             n = len(r.output_ids)
             if n == h.sent and not r.finished:
                 continue
+            text = self.engine.text(r) if r.finished and self.engine.tok is not None else None
             h.sink(RequestOutput(r, r.output_ids[h.sent:n], r.output_logprobs[h.sent:n], r.output_experts[h.sent:n],
-                                 r.finished, r.finish_reason))
+                                 r.finished, r.finish_reason, text=text,
+                                 prompt_logprobs=r.prompt_logprobs if h.sent == 0 else []))
             h.sent = n
             if r.finished:
                 del self._live[rid]

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import UserError
+
 
 @dataclass
 class SamplingParams:
@@ -86,3 +88,22 @@ class Request:
         toks, exps = self.pending[:n], self.pending_experts[:n]
         del self.pending[:n], self.pending_experts[:n]
         return toks, exps
+
+
+def validate(prompt_ids: list[int], params: SamplingParams, max_len: int | None, vocab_size: int,
+             has_tokenizer: bool = True) -> None:
+    """Raise a UserError for a request an engine of this context window and vocabulary cannot serve. A function of
+    fixed facts, so a front end (the Ray ingress) rejects what its replicas would, without holding an engine."""
+    if not prompt_ids:
+        raise UserError("empty prompt: give at least one token")
+    if max_len and len(prompt_ids) >= max_len:
+        raise UserError(f"prompt of {len(prompt_ids)} tokens does not fit the engine's context window of "
+                        f"{max_len} tokens (max_model_len); shorten it")
+    if params.max_tokens < 1:
+        raise UserError("max_tokens must be >= 1")
+    if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
+        raise UserError("temperature must be >= 0, top_p in (0, 1] and top_k >= 0")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
+        raise UserError(f"prompt token ids must lie in [0, {vocab_size})")
+    if params.stop and not has_tokenizer:
+        raise UserError("stop strings need the engine's tokenizer: use Engine.from_pretrained or pass tokenizer=")
