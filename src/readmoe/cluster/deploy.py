@@ -31,7 +31,7 @@ class ClusterArgs:
     threads: int = 0  # torch threads per replica; 0: num_cpus (at least 1)
     num_cpus: float = 1.0  # Ray resources per engine replica
     num_gpus: float = 0.0
-    affinity_bound: int = 4  # queue-length gap beyond which affinity falls back to the least-loaded replica
+    affinity_bound: int = 2  # affinity picks among replicas within this many requests of the least-loaded one
     stats_period_s: float = 0.5  # how often replicas report their resident experts and queue
 
     def check(self) -> "ClusterArgs":

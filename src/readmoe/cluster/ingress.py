@@ -11,6 +11,7 @@ a live replica while Ray Serve restarts the dead one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 
@@ -21,6 +22,7 @@ from ..serving.request import SamplingParams, validate
 from .affinity import histogram
 from .replica import params_dict
 
+log = logging.getLogger("readmoe.cluster")
 LOST = "the replica serving this request stopped ({}); retry the request"
 
 
@@ -68,6 +70,7 @@ class RemoteEngines:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the replica died or was restarted: a clean 503, never a hang
+            log.warning("a request ended with its replica: %s", e)
             self.lost += 1
             sink(RequestOutput(None, finished=True, finish_reason="error", error=LOST.format(type(e).__name__),
                                error_code=503))

@@ -86,9 +86,11 @@ class EngineReplica:
         finished = False
         try:
             while not finished:
-                ev = await q.get()
+                ev = (await q.get()).detached(self.name)
+                while not ev.finished and not q.empty():  # behind by several steps: one message, not one per step
+                    ev.merge(q.get_nowait().detached(self.name))
                 finished = ev.finished
-                yield ev.detached(self.name)
+                yield ev
         finally:
             if not finished:  # the client went away (Ray cancels this generator): free the KV cache
                 self.et.cancel(h)

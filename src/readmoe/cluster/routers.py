@@ -50,7 +50,7 @@ class ReplicaReports:
         return {rid.unique_id: dict(r.routing_stats or {}) for rid, r in self.curr_replicas.items()}
 
     def queue(self, r: RunningReplica) -> int:
-        """Requests at a replica: the router's own count (updated as it sends) where it has one, else the report."""
+        """Requests at a replica: Ray's cached count (kept while it sends) where it has one, else the report."""
         q = self.replica_queue_len_cache.get(r.replica_id)
         return int(q) if q is not None else int((r.routing_stats or {}).get("queue", 0))
 
@@ -61,30 +61,43 @@ class ExpertAffinityRouter(ReplicaReports, RequestRouter):
 
     policy_name = "affinity"
 
-    def initialize_state(self, num_experts: int, bound: int = 4, **kwargs) -> None:
+    def initialize_state(self, num_experts: int, bound: int = 2, **kwargs) -> None:
         self.policy = AffinityPolicy(num_experts, bound)
+        # requests in flight per replica, counted here: Ray's queue-length cache expires within seconds, and a
+        # burst routed on stale reports would all go to one replica
+        self.inflight: collections.Counter = collections.Counter()
+        self._sent: dict[str, object] = {}
         self._register()
+
+    def on_request_completed(self, replica_id, internal_request_id: str) -> None:
+        key = self._sent.pop(internal_request_id, None)
+        if key is not None:
+            self.inflight[key] -= 1
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
         if not candidate_replicas:
             return []
         hist = pending_request.kwargs.get("experts") if pending_request is not None else None
-        views = {r.replica_id: ReplicaView(self.queue(r), list((r.routing_stats or {}).get("resident", [])))
+        views = {r.replica_id: ReplicaView(self.inflight[r.replica_id],
+                                           list((r.routing_stats or {}).get("resident", [])))
                  for r in candidate_replicas}
         key, outcome = self.policy.choose(hist, views)
         if hist is not None and self.first_try(pending_request):
             # Ray calls on_request_routed only with strict queue limits, so the choice is recorded here: the first
-            # rank is taken unless that replica is at max_ongoing_requests (a retry then counts as a fallback)
+            # rank is taken unless that replica is at max_ongoing_requests
             self.decisions[outcome] += 1
             self.policy.routed(key, hist)
+            self.inflight[key] += 1
+            self._sent[pending_request.metadata.internal_request_id] = key
         chosen = next(r for r in candidate_replicas if r.replica_id == key)
-        rest = sorted((r for r in candidate_replicas if r is not chosen), key=self.queue)
+        rest = sorted((r for r in candidate_replicas if r is not chosen), key=lambda r: self.inflight[r.replica_id])
         return [[chosen], rest] if rest else [[chosen]]
 
     def on_replica_actor_died(self, replica_id) -> None:
         super().on_replica_actor_died(replica_id)
         self.policy.forget(replica_id)
+        self.inflight.pop(replica_id, None)
 
 
 class Pow2Router(ReplicaReports, PowerOfTwoChoicesRequestRouter):

@@ -468,12 +468,5 @@ async def collect(srv: Server, choices: list[Choice], q: asyncio.Queue, request:
             srv.cancel(choices)
             raise APIError(503, ev.error)
         srv.advance(choices[i], ev)
-        m = merged[i]
-        m.request = ev.request or m.request
-        m.prompt_logprobs = m.prompt_logprobs or ev.prompt_logprobs
-        m.text, m.replica = ev.text, ev.replica or m.replica
-        m.new_ids += ev.new_ids
-        m.new_logprobs += ev.new_logprobs
-        m.new_experts += ev.new_experts
-        m.finished, m.finish_reason = ev.finished, ev.finish_reason
+        merged[i].merge(ev)
     return merged

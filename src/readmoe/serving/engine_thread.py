@@ -44,6 +44,18 @@ class RequestOutput:
     prompt_logprobs: list[Logprob | None] = field(default_factory=list)  # in the request's first event
     replica: str | None = None  # which engine replica served it (scale-out; None for a single engine)
 
+    def merge(self, later: "RequestOutput") -> "RequestOutput":
+        """Fold a later event of the same request into this one (a response built from several steps)."""
+        self.request = later.request or self.request
+        self.new_ids += later.new_ids
+        self.new_logprobs += later.new_logprobs
+        self.new_experts += later.new_experts
+        self.prompt_logprobs = self.prompt_logprobs or later.prompt_logprobs
+        self.finished, self.finish_reason, self.text = later.finished, later.finish_reason, later.text
+        self.error, self.error_code = later.error or self.error, later.error_code if later.error else self.error_code
+        self.replica = later.replica or self.replica
+        return self
+
     def detached(self, replica: str | None = None) -> "RequestOutput":
         """A copy without the engine's Request, small enough to send to another process."""
         return RequestOutput(None, self.new_ids, self.new_logprobs, self.new_experts, self.finished,

@@ -1,0 +1,238 @@
+"""Scale-out on Ray Serve: expert-affinity routing against Ray's power-of-two-choices and round-robin.
+
+Each variant is `readmoe serve` as a child process on 127.0.0.1 (stopped by its process id): 2 engine replicas on
+Ray Serve, 1 CPU and 1 torch thread each, capacity 2 per replica (the store on disk), and, for the throughput
+ratio, one plain engine with 1 thread. The workload is mixed-domain prompts from the embedded corpora (greedy,
+EOS ignored), sent by the official `openai` client:
+- burst: every request at once; tokens/s over the makespan is the saturated throughput;
+- poisson: the same requests at `--rate` (default: 0.75 x the first 2-replica burst's request rate); normalized
+  latency (end-to-end / output tokens), and, from /metrics, the replicas' expert-cache hit ratio and unique
+  experts per engine step.
+Variants are interleaved over `--repeats` rounds; the report gives medians and their spread. The recorded
+per-request expert sequences then drive `readmoe.cluster.simulate` at 1-8 replicas, for the 5 experts of the
+demo and remapped to 8.
+
+    python benchmarks/scaleout.py --model runs/demo/model --out runs/scaleout [--requests 48] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+from serve_process import Server
+
+ROUTES = ("affinity", "pow2", "round-robin")
+
+
+def workload(model: Path, n: int, seed: int = 0):
+    """Token-id prompts from the five embedded domains (shuffled), each with its pre-gated expert sequence."""
+    import torch
+
+    from readmoe.corpus import Corpus
+    from readmoe.modeling import load_router
+    from readmoe.serving.workload import WorkloadConfig, synthetic
+
+    router, tok = load_router(model)
+    reqs = synthetic(tok, Corpus("embedded"), WorkloadConfig(requests=n, rate=1.0, mmlu_share=0.0, seed=seed,
+                                                            prompt_tokens=(32, 160), output_tokens=(16, 48)))
+    out = []
+    with torch.no_grad():
+        for _, ids, p in reqs:
+            logits, _ = router(torch.tensor([ids]), None, None)
+            out.append({"prompt": ids, "max_tokens": p.max_tokens, "prompt_experts": logits[0].argmax(-1).tolist()})
+    return out
+
+
+def counters(srv: Server, replicas: bool) -> dict:
+    """Cumulative hits, misses, engine steps and experts touched (summed over replicas)."""
+    import httpx
+
+    text = httpx.get(f"{srv.url}/metrics", timeout=10).text
+    names = ({"hits": "readmoe:replica_expert_cache_hits_total", "misses": "readmoe:replica_expert_cache_misses_total",
+              "steps": "readmoe:replica_steps_total", "touched": "readmoe:replica_experts_touched_total"} if replicas else
+             {"hits": "readmoe:expert_cache_hits_total", "misses": "readmoe:expert_cache_misses_total",
+              "steps": "readmoe:unique_experts_per_step_count", "touched": "readmoe:unique_experts_per_step_sum"})
+    out = {k: 0.0 for k in names}
+    for line in text.splitlines():
+        for k, name in names.items():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                out[k] += float(line.split()[-1])
+    out["decisions"] = {l.split('outcome="')[1].split('"')[0]: float(l.split()[-1]) for l in text.splitlines()
+                        if l.startswith("readmoe:router_decisions_total")}
+    return out
+
+
+async def send(srv: Server, reqs: list[dict], arrivals: list[float]) -> list[dict]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=600)
+    t0 = time.monotonic()
+
+    async def one(r, at):
+        await asyncio.sleep(max(0.0, at - (time.monotonic() - t0)))
+        start = time.monotonic()
+        resp = await client.completions.create(model=srv.name, prompt=r["prompt"], max_tokens=r["max_tokens"],
+                                               temperature=0, extra_body={"ignore_eos": True, "return_experts": True})
+        ch = resp.choices[0].model_dump()
+        return {"start": start - t0, "end": time.monotonic() - t0, "tokens": resp.usage.completion_tokens,
+                "experts": ch.get("experts") or [], "replica": ch.get("replica")}
+
+    try:
+        return await asyncio.gather(*(one(r, a) for r, a in zip(reqs, arrivals)))
+    finally:
+        await client.close()
+
+
+def phase(srv: Server, reqs, arrivals, replicas: bool) -> dict:
+    before = counters(srv, replicas)
+    t = time.monotonic()
+    res = asyncio.run(send(srv, reqs, arrivals))
+    makespan = time.monotonic() - t
+    after = counters(srv, replicas)
+    d = {k: after[k] - before[k] for k in ("hits", "misses", "steps", "touched")}
+    norm = sorted((x["end"] - x["start"]) / max(1, x["tokens"]) * 1000 for x in res)
+    dec = {k: after["decisions"].get(k, 0) - before["decisions"].get(k, 0) for k in after["decisions"]}
+    return {"tokens_per_s": sum(x["tokens"] for x in res) / makespan, "makespan_s": makespan,
+            "mean_norm_ms": statistics.fmean(norm), "p95_norm_ms": norm[min(len(norm) - 1, int(0.95 * len(norm)))],
+            "hit_ratio": d["hits"] / max(1, d["hits"] + d["misses"]),
+            "experts_per_step": d["touched"] / max(1, d["steps"]), "decisions": dec,
+            "per_replica": {str(k): sum(1 for x in res if x["replica"] == k) for k in {x["replica"] for x in res}},
+            "results": res}
+
+
+def run_variant(model: Path, name: str, reqs, rate: float | None, out: Path, seed: int) -> dict:
+    common = ["--capacity", "2", "--threads", "1"]
+    args = common + (["--replicas", "2", "--route", name, "--num-cpus", "1"] if name != "single" else [])
+    srv = Server(model, args, out / f"{name}.log")
+    srv.name = str(model.resolve())
+    try:
+        warm = asyncio.run(send(srv, reqs[:2], [0.0, 0.0]))  # first calls pay imports and page faults
+        del warm
+        burst = phase(srv, reqs, [0.0] * len(reqs), name != "single")
+        rate = rate or 0.75 * len(reqs) / burst["makespan_s"]
+        rng = random.Random(seed)
+        t, arrivals = 0.0, []
+        for _ in reqs:
+            t += rng.expovariate(rate)
+            arrivals.append(t)
+        poisson = phase(srv, reqs, arrivals, name != "single") if name != "single" else None
+    finally:
+        srv.stop()
+    return {"burst": burst, "poisson": poisson, "rate": rate}
+
+
+def median_spread(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def simulation(reqs: list[dict], outputs: list[list[int]]) -> dict:
+    from readmoe.cluster.simulate import SimRequest, remap, simulate
+
+    sim = [SimRequest(r["prompt_experts"], o) for r, o in zip(reqs, outputs)]
+    num = 1 + max(e for s in sim for e in s.prompt + s.output)
+    table = {}
+    for label, rs, E in (("5 experts (recorded)", sim, num), ("8 experts (remapped)", remap(sim * 4, 8), 8)):
+        rows = []
+        for n in (1, 2, 4, 8):
+            for route in ROUTES:
+                rows.append(simulate(rs * (4 if label.startswith("5") else 1), n, route, E, capacity=2))
+        table[label] = rows
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=Path("runs/demo/model"))
+    ap.add_argument("--out", type=Path, default=Path("runs/scaleout"))
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--rate", type=float, default=None, help="Poisson rate, requests/s (default: from the first burst)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    if not (a.model / "config.json").is_file():
+        raise SystemExit(f"no model at {a.model}: run `make demo` first, or pass --model DIR")
+    a.out.mkdir(parents=True, exist_ok=True)
+    reqs = workload(a.model, a.requests, a.seed)
+    runs: dict[str, list[dict]] = {v: [] for v in ROUTES + ("single",)}
+    rate = a.rate
+    for rep in range(a.repeats):
+        order = list(ROUTES) + ["single"]
+        order = order[rep % len(order):] + order[:rep % len(order)]  # rotate, so no variant always goes first
+        for v in order:
+            print(f"round {rep + 1}/{a.repeats}: {v} ...", flush=True)
+            r = run_variant(a.model, v, reqs, rate, a.out, a.seed + rep)
+            rate = rate or r["rate"]
+            runs[v].append(r)
+    summary = {}
+    for v, rs in runs.items():
+        s = {"tokens_per_s": median_spread([r["burst"]["tokens_per_s"] for r in rs])}
+        if v != "single":
+            for k in ("mean_norm_ms", "p95_norm_ms", "hit_ratio", "experts_per_step", "tokens_per_s"):
+                s[f"poisson_{k}"] = median_spread([r["poisson"][k] for r in rs])
+            s["decisions"] = rs[-1]["poisson"]["decisions"]
+            s["per_replica"] = rs[-1]["poisson"]["per_replica"]
+        summary[v] = s
+    outputs = [x["experts"] for x in runs["affinity"][0]["burst"]["results"]]
+    sim = simulation(reqs, outputs)
+    med = {v: {k: x["median"] for k, x in s.items() if isinstance(x, dict) and "median" in x} for v, s in summary.items()}
+    aff, p2 = med["affinity"], med["pow2"]
+    goals = [
+        ("affinity hit ratio >= pow2's + 10 points", aff["poisson_hit_ratio"] - p2["poisson_hit_ratio"] >= 0.10,
+         f"{100 * aff['poisson_hit_ratio']:.1f} % vs {100 * p2['poisson_hit_ratio']:.1f} %"),
+        ("affinity mean normalized latency <= pow2's", aff["poisson_mean_norm_ms"] <= p2["poisson_mean_norm_ms"],
+         f"{aff['poisson_mean_norm_ms']:.1f} vs {p2['poisson_mean_norm_ms']:.1f} ms/token"),
+        ("affinity p95 <= 1.05x pow2's", aff["poisson_p95_norm_ms"] <= 1.05 * p2["poisson_p95_norm_ms"],
+         f"{aff['poisson_p95_norm_ms']:.1f} vs {p2['poisson_p95_norm_ms']:.1f} ms/token"),
+        ("2 replicas >= 1.6x one replica's tokens/s", max(med[v]["tokens_per_s"] for v in ROUTES)
+         >= 1.6 * med["single"]["tokens_per_s"],
+         f"{max(med[v]['tokens_per_s'] for v in ROUTES) / med['single']['tokens_per_s']:.2f}x"),
+    ]
+    report = {"requests": a.requests, "repeats": a.repeats, "rate": rate, "summary": summary, "simulation": sim,
+              "goals": [{"goal": g, "met": bool(ok), "measured": m} for g, ok, m in goals],
+              "workload": [{k: r[k] for k in ("max_tokens", "prompt_experts")} | {"output_experts": o}
+                           for r, o in zip(reqs, outputs)],
+              "runs": runs}
+    from readmoe.atomic import atomic_write_text
+
+    atomic_write_text(a.out / "report.json", json.dumps(report, indent=1))
+    atomic_write_text(a.out / "report.md", markdown(report))
+    print(markdown(report))
+    for g in report["goals"]:
+        print(f"{'met' if g['met'] else 'missed'}: {g['goal']} ({g['measured']})")
+
+
+def markdown(rep: dict) -> str:
+    def f(x, scale=1.0, nd=1):
+        return f"{scale * x['median']:.{nd}f} ({scale * x['min']:.{nd}f}-{scale * x['max']:.{nd}f})"
+
+    lines = [f"# Scale-out: {rep['requests']} mixed-domain requests, {rep['repeats']} interleaved rounds, "
+             f"Poisson rate {rep['rate']:.2f}/s; medians (min-max)", "",
+             "| route | hit ratio % | experts/step | mean norm. ms/token | p95 norm. ms/token | saturated tok/s |",
+             "|---|---|---|---|---|---|"]
+    for v, s in rep["summary"].items():
+        if v == "single":
+            lines.append(f"| one replica (1 thread) | | | | | {f(s['tokens_per_s'])} |")
+        else:
+            lines.append(f"| {v} | {f(s['poisson_hit_ratio'], 100)} | {f(s['poisson_experts_per_step'], nd=2)} | "
+                         f"{f(s['poisson_mean_norm_ms'])} | {f(s['poisson_p95_norm_ms'])} | {f(s['tokens_per_s'])} |")
+    lines += ["", "Router decisions (last round): " + "; ".join(f"{v}: {rep['summary'][v]['decisions']}"
+                                                            for v in ROUTES), "",
+              "## Simulated hit ratio (capacity 2 per replica, load 0.7)", "",
+              "| experts | replicas | " + " | ".join(ROUTES) + " |", "|---|---|" + "---|" * len(ROUTES)]
+    for label, rows in rep["simulation"].items():
+        for n in sorted({r["replicas"] for r in rows}):
+            hr = {r["route"]: r["hit_ratio"] for r in rows if r["replicas"] == n}
+            lines.append(f"| {label} | {n} | " + " | ".join(f"{100 * hr[k]:.1f} %" for k in ROUTES) + " |")
+    lines += ["", "## Goals", ""] + [f"- {'met' if g['met'] else 'missed'}: {g['goal']} ({g['measured']})"
+                                     for g in rep["goals"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
