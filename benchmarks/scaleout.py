@@ -98,10 +98,18 @@ def phase(srv: Server, reqs, arrivals, replicas: bool) -> dict:
     d = {k: after[k] - before[k] for k in ("hits", "misses", "steps", "touched")}
     norm = sorted((x["end"] - x["start"]) / max(1, x["tokens"]) * 1000 for x in res)
     dec = {k: after["decisions"].get(k, 0) - before["decisions"].get(k, 0) for k in after["decisions"]}
+    # how specialised the replicas became: the share of each replica's generated tokens on its top 2 experts
+    per: dict = {}
+    for x in res:
+        for e in x["experts"]:
+            per.setdefault(x["replica"], {}).setdefault(e, 0)
+            per[x["replica"]][e] += 1
+    top2 = [sum(sorted(h.values())[-2:]) / sum(h.values()) for h in per.values() if h]
     return {"tokens_per_s": sum(x["tokens"] for x in res) / makespan, "makespan_s": makespan,
             "mean_norm_ms": statistics.fmean(norm), "p95_norm_ms": norm[min(len(norm) - 1, int(0.95 * len(norm)))],
             "hit_ratio": d["hits"] / max(1, d["hits"] + d["misses"]),
             "experts_per_step": d["touched"] / max(1, d["steps"]), "decisions": dec,
+            "top2_share": statistics.fmean(top2) if top2 else 0.0,
             "per_replica": {str(k): sum(1 for x in res if x["replica"] == k) for k in {x["replica"] for x in res}},
             "results": res}
 
@@ -173,7 +181,7 @@ def main() -> None:
     for v, rs in runs.items():
         s = {"tokens_per_s": median_spread([r["burst"]["tokens_per_s"] for r in rs])}
         if v != "single":
-            for k in ("mean_norm_ms", "p95_norm_ms", "hit_ratio", "experts_per_step", "tokens_per_s"):
+            for k in ("mean_norm_ms", "p95_norm_ms", "hit_ratio", "experts_per_step", "top2_share", "tokens_per_s"):
                 s[f"poisson_{k}"] = median_spread([r["poisson"][k] for r in rs])
             s["decisions"] = rs[-1]["poisson"]["decisions"]
             s["per_replica"] = rs[-1]["poisson"]["per_replica"]
@@ -213,13 +221,14 @@ def markdown(rep: dict) -> str:
 
     lines = [f"# Scale-out: {rep['requests']} mixed-domain requests, {rep['repeats']} interleaved rounds, "
              f"Poisson rate {rep['rate']:.2f}/s; medians (min-max)", "",
-             "| route | hit ratio % | experts/step | mean norm. ms/token | p95 norm. ms/token | saturated tok/s |",
-             "|---|---|---|---|---|---|"]
+             "| route | hit ratio % | experts/step | top-2 expert share % | mean norm. ms/token | p95 norm. ms/token "
+             "| saturated tok/s |", "|---|---|---|---|---|---|---|"]
     for v, s in rep["summary"].items():
         if v == "single":
-            lines.append(f"| one replica (1 thread) | | | | | {f(s['tokens_per_s'])} |")
+            lines.append(f"| one replica (1 thread) | | | | | | {f(s['tokens_per_s'])} |")
         else:
             lines.append(f"| {v} | {f(s['poisson_hit_ratio'], 100)} | {f(s['poisson_experts_per_step'], nd=2)} | "
+                         f"{f(s['poisson_top2_share'], 100)} | "
                          f"{f(s['poisson_mean_norm_ms'])} | {f(s['poisson_p95_norm_ms'])} | {f(s['tokens_per_s'])} |")
     lines += ["", "Router decisions (last round): " + "; ".join(f"{v}: {rep['summary'][v]['decisions']}"
                                                             for v in ROUTES), "",
