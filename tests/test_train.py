@@ -92,6 +92,43 @@ def test_resume_after_kill_equals_uninterrupted(setup, tmp_path):
         torch.testing.assert_close(a, b, msg=n)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_the_same_weights_as_one(corpus_dir, tmp_path, mode):
+    """Data parallelism over 2 CPU processes (torchrun, gloo): DDP, and FSDP2 with the router left whole, end with
+    the one-process run's weights to float rounding, after training moved them far more than that."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from distributed_train import CFG as DIST_CFG, tiny_setup
+
+    dense, tok, corpus, moe = tiny_setup(str(corpus_dir))
+    init = {k: v.clone() for k, v in moe.state_dict().items()}
+    train(moe, dense, tok, corpus, corpus.domains, make_config("demo", **DIST_CFG), tmp_path / "one", progress=False)
+    script = Path(__file__).with_name("distributed_train.py")
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(corpus_dir), str(tmp_path / mode), mode],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / mode / "model.safetensors")
+    assert one.keys() == two.keys()
+    for part in ("router.", ".experts.", "self_attn"):
+        keys = [k for k in one if part in k]
+        moved = sum(float((one[k] - init[k]).abs().sum()) for k in keys)
+        diff = sum(float((one[k] - two[k]).abs().sum()) for k in keys)
+        # Adam turns rounding in near-zero averaged gradients into steps of up to lr: compare in L1, not max
+        assert moved > 0 and diff < 1e-2 * moved, (part, diff, moved)
+    evals = [[h["ppl"] for h in map(json.loads, (tmp_path / d / "train" / "log.jsonl").read_text().splitlines())
+              if h["phase"] == "eval"] for d in ("one", mode)]
+    assert len(evals[0]) == 3
+    torch.testing.assert_close(evals[1], evals[0], rtol=1e-4, atol=0)
+
+
 def test_budget_zero_rejected():
     with pytest.raises(UserError, match="budget is 0"):
         make_config("demo", router_steps=0, expert_steps=0)

@@ -94,6 +94,12 @@ class ReadMEMLP(nn.Module):
             raise ValueError(f"expert id {int(ids.max())} out of range: the model has {len(self.experts)} routed experts")
         order = torch.unique(ids).tolist()  # ascending expert id
         out = self.shared(flat)
+        if self.training and torch.is_grad_enabled():
+            # every expert takes part in every training step, on no tokens if none chose it: its gradient is then
+            # zero, not missing, on every process, which sharded data parallelism (FSDP) needs to stay in step
+            for e in sorted(set(range(len(self.experts))) - set(order)):
+                if self.experts[e].size:
+                    out = out + self.experts[e](flat[:0]).sum()
         return add_routed(out, flat, ids, order, lambda e, xs, rest: self.experts[e](xs) if self.experts[e].size else None
                           ).view_as(x)
 

@@ -8,8 +8,10 @@ state file are written after every phase, so a killed run resumes at the next
 phase and ends with the same weights as an uninterrupted one (seeded).
 
 Runs through `accelerate`: `accelerate launch -m readmoe.cli train ...` on
-several GPUs or nodes splits every global batch across processes (DDP); a
-plain `readmoe train` is one process on the best device.
+several GPUs or nodes splits every global batch across processes (DDP); with
+an FSDP config (configs/accelerate/fsdp.yaml) the backbone's weights, gradients
+and optimizer state are also sharded (FSDP2), while the router stays whole on
+every process. A plain `readmoe train` is one process on the best device.
 """
 
 from __future__ import annotations
@@ -95,11 +97,20 @@ def training_pool(tok: PreTrainedTokenizerBase, corpus: Corpus, domains: list[st
     return torch.stack(rows[: cfg.pool_seqs])
 
 
-def _save_weights(moe: ReadMEForCausalLM, out: Path) -> None:
-    """Replace out/model.safetensors (and config/tokenizer files) atomically, file by file."""
+def _save_weights(moe: ReadMEForCausalLM, out: Path, state_dict: dict | None = None) -> None:
+    """Replace out/model.safetensors (and config/tokenizer files) atomically, file by file. `state_dict`: the
+    full weights when the model itself holds only this process's shards (FSDP)."""
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=out))
     try:
-        moe.save_pretrained(tmp)
+        if state_dict is None:
+            moe.save_pretrained(tmp)
+        else:  # transformers' save would read the sharded parameters: a collective on this process alone
+            from safetensors.torch import save_file
+
+            tied = set(moe.all_tied_weights_keys)
+            save_file({k: v.contiguous() for k, v in state_dict.items() if k not in tied},
+                      str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            moe.config.save_pretrained(tmp)
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
     finally:
@@ -123,6 +134,45 @@ def make_accelerator(precision: str = "no"):
     # experts a batch does not touch get no gradient: DDP must allow unused parameters
     return Accelerator(mixed_precision=precision,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def is_fsdp(acc) -> bool:
+    """accelerate shards the models it prepares (launched with an FSDP config)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.FSDP:
+        return False
+    if not acc.is_fsdp2:
+        raise UserError("readmoe trains with FSDP2: set `fsdp_version: 2` in the accelerate config "
+                        "(see configs/accelerate/fsdp.yaml)")
+    return True
+
+
+def router_modules(moe) -> list[nn.Module]:
+    """The modules the router phase trains: the pre-gating router, or a layer-wise model's gates."""
+    return [m.gate for m in moe.moe_layers()] if moe.layerwise else [moe.router]
+
+
+def shard(acc, moe) -> None:
+    """FSDP2 over the model, in place, once before training (the whole model never sits on one accelerator):
+    each decoder layer is a unit, parameters move to the device shard by shard. The router (or the layer-wise
+    gates) stays whole on every process: it is tiny, trained on its own, and runs ahead of the backbone."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    acc.state.fsdp_plugin.ignored_modules = router_modules(moe)
+    fsdp2_prepare_model(acc, moe)
+    for m in router_modules(moe):
+        m.to(acc.device)
+
+
+def _all_reduce_grads(acc, params: list[nn.Parameter]) -> None:
+    """Average gradients over processes for parameters that no wrapper synchronises (the router under FSDP)."""
+    if acc.num_processes > 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= acc.num_processes
 
 
 def _local(acc, idx: torch.Tensor) -> torch.Tensor:
@@ -176,7 +226,9 @@ def router_phase(moe: ReadMEForCausalLM, seqs, ov, labels, cfg: TrainConfig, rnd
     else:
         feats, module = seqs, moe.router
     opt = torch.optim.AdamW(params, lr=lr0, weight_decay=0.0)
-    module, opt = acc.prepare(module, opt)
+    fsdp = is_fsdp(acc)
+    if not fsdp:  # under FSDP the router is left out of the sharding (it is tiny): its gradients are averaged here
+        module, opt = acc.prepare(module, opt)
     bar = tqdm(range(cfg.router_steps), desc=f"round {rnd + 1} router", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
@@ -188,8 +240,13 @@ def router_phase(moe: ReadMEForCausalLM, seqs, ov, labels, cfg: TrainConfig, rnd
             logits, _ = module(feats[idx])
         loss = distill_loss(logits, ov[idx].to(acc.device), cfg.tau)
         opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        acc.clip_grad_norm_(params, 1.0)
+        if fsdp:
+            loss.backward()
+            _all_reduce_grads(acc, params)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        else:
+            acc.backward(loss)
+            acc.clip_grad_norm_(params, 1.0)
         opt.step()
         hit = float((logits.argmax(-1) == labels[idx].to(acc.device)).float().mean())
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{hit:.2f}")
@@ -259,7 +316,10 @@ def train(moe: ReadMEForCausalLM, dense: PreTrainedModel, tok: PreTrainedTokeniz
             _load_weights(moe, out)
     elif acc.is_main_process:
         tok.save_pretrained(out)
-    moe.to(acc.device)
+    if is_fsdp(acc):
+        shard(acc, moe)
+    else:
+        moe.to(acc.device)
     seqs = training_pool(tok, corpus, domains, cfg).to(acc.device)
     routed = moe.num_experts > 1
     ov = labels = None
@@ -267,8 +327,10 @@ def train(moe: ReadMEForCausalLM, dense: PreTrainedModel, tok: PreTrainedTokeniz
         target_file = work / "targets.safetensors"
         if targets_from is not None and Path(targets_from).exists() and not target_file.exists():
             shutil.copyfile(targets_from, target_file)
+        home = next(dense.parameters()).device
         with acc.main_process_first():
             ov = compute_targets(dense.to(acc.device), moe, seqs, target_file, progress=progress and acc.is_main_process)
+        dense.to(home)  # the teacher is done: give its accelerator memory to training
         ov = ov.to(acc.device)
         labels = oracle_labels(ov)
     val = recovery_seqs(tok, corpus, domains, cfg).to(acc.device)
@@ -292,8 +354,9 @@ def train(moe: ReadMEForCausalLM, dense: PreTrainedModel, tok: PreTrainedTokeniz
             records.append({"round": rnd, "phase": "eval", "tokens": seen, "ppl": perplexity(moe, val)})
         history += [dict(r, i=i) for r in records]
         acc.wait_for_everyone()
+        full = acc.get_state_dict(moe) if is_fsdp(acc) else None  # a collective: every process gathers
         if acc.is_main_process:
-            _save_weights(moe, out)
+            _save_weights(moe, out, full)
             atomic_write_text(log_file, "".join(json.dumps(h) + "\n" for h in history))
             atomic_write_json(state_file, dict(want, phases_done=i + 1, complete=i + 1 == len(phases)))
         acc.wait_for_everyone()
