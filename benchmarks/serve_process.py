@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,21 +17,30 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999): an
+    ephemeral one can be taken by a Ray process's own connection between this check and the server's bind."""
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 class Server:
     """`readmoe serve` as a child process on a free loopback port."""
 
-    def __init__(self, model: Path, args: list[str], log: Path):
+    def __init__(self, model: Path, args: list[str], log: Path, cpus: set[int] | None = None):
+        """`cpus`: pin the server (and all it starts) to these CPUs."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log, "w")
         self.proc = subprocess.Popen([str(BIN / "readmoe"), "serve", "--model", str(model), "--port", str(self.port),
                                       "--served-model-name", str(model.resolve()), *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
         end = time.monotonic() + 120
         while True:
             if self.proc.poll() is not None:

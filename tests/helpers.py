@@ -143,11 +143,19 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{%
 
 
 def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999): an
+    ephemeral one can be taken by a Ray process's own connection between this check and the server's bind."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 class LiveServer:

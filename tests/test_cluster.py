@@ -131,6 +131,30 @@ def ckpt(tmp_path_factory):
     return d
 
 
+def test_replica_sends_one_message_unless_streaming(ckpt):
+    """Outside Ray: a non-streaming request's whole output is one message (with the gaps between its steps, for
+    the ingress's inter-token latency); a streaming one arrives in pieces that add up to the same tokens."""
+    import asyncio
+
+    from readmoe.cluster.replica import EngineReplica
+
+    rep = EngineReplica(str(ckpt), {"capacity": 1}, dtype="float32")
+    params = {"max_tokens": 12, "ignore_eos": True, "temperature": 0.0}
+
+    async def events(stream):
+        return [ev async for ev in rep.generate(list(b"The river runs"), params, stream=stream)]
+
+    try:
+        one = asyncio.run(events(False))
+        pieces = asyncio.run(events(True))
+    finally:
+        rep.et.stop(timeout=5)
+    assert len(one) == 1 and one[0].finished and len(one[0].new_ids) == 12
+    assert len(one[0].gaps) == 11 and all(g >= 0 for g in one[0].gaps)
+    assert one[0].request is None and one[0].replica == rep.name
+    assert [t for ev in pieces for t in ev.new_ids] == one[0].new_ids and pieces[-1].finished
+
+
 def ray_processes(pids) -> list[int]:
     import psutil
 
@@ -251,9 +275,14 @@ def test_outputs_through_ray_equal_one_engine(ckpt, cluster):
     prompts = ["The river runs", "0123", "zz top"]
     with Engine.from_pretrained(ckpt, EngineConfig(capacity=1)) as eng:
         want = [c.text for c in eng.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))]
+    itl = f'readmoe:inter_token_latency_seconds_count{{model_name="tiny"}}'
+    before = httpx.get(f"{cluster.url}/metrics", timeout=10).text
     got = [client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
     assert got == want
+    after = httpx.get(f"{cluster.url}/metrics", timeout=10).text
+    count = lambda text: sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(itl))  # noqa: E731
+    assert count(after) - count(before) == 3 * 11, "each token after the first is one inter-token latency"
     streamed = "".join(ch.choices[0].text for ch in client.completions.create(
         model="tiny", prompt=prompts[0], max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True}))
     assert streamed == want[0]

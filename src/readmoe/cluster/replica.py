@@ -1,6 +1,7 @@
 """One engine replica: an `Engine` on its own `EngineThread`, inside a Ray Serve replica actor.
 
-`generate` streams a request's events back to the ingress as they are sampled. After
+`generate` streams a request's events back to the ingress as they are sampled, or, when
+the client does not stream, sends its whole output as one message. After
 every engine step the thread takes a snapshot of what the router needs (the resident
 experts, the queue) and of the engine's counters for the ingress's /metrics; Ray Serve
 collects it through `record_routing_stats`. The snapshot is a new dict each time, so
@@ -67,13 +68,17 @@ class EngineReplica:
         return {"max_len": e.max_len, "vocab_size": e.vocab_size, "num_experts": e.moe.num_experts,
                 "has_tokenizer": e.tok is not None, "replica": self.name}
 
-    async def generate(self, prompt_ids: list[int], params: dict, experts: list[int] | None = None):
-        """Stream a request's events (each a `RequestOutput` without the engine's Request). `experts` is the
-        ingress's pre-gated histogram: the router reads it; the engine pre-gates again on arrival."""
+    async def generate(self, prompt_ids: list[int], params: dict, experts: list[int] | None = None,
+                       stream: bool = True):
+        """A request's events (each a `RequestOutput` without the engine's Request). Streaming, the events queued
+        since the last message go as one; otherwise one message carries the whole output, with the gaps between
+        its steps for the ingress's inter-token latency. `experts` is the ingress's pre-gated histogram: the router
+        reads it; the engine pre-gates again on arrival."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         try:
-            h = self.et.submit(prompt_ids, SamplingParams(**params), lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+            h = self.et.submit(prompt_ids, SamplingParams(**params),
+                               lambda ev: loop.call_soon_threadsafe(q.put_nowait, (time.monotonic(), ev)))
         except QueueFull as e:
             yield RequestOutput(None, finished=True, finish_reason="error", error=str(e), error_code=503,
                                 replica=self.name)
@@ -83,14 +88,20 @@ class EngineReplica:
                                 error_code=400 if isinstance(e, UserError) else 503, replica=self.name)
             return
         self.totals["served"] += 1
-        finished = False
+        finished, out, last = False, None, 0.0  # last: when `out` got its last token
         try:
             while not finished:
-                ev = (await q.get()).detached(self.name)
-                while not ev.finished and not q.empty():  # behind by several steps: one message, not one per step
-                    ev.merge(q.get_nowait().detached(self.name))
-                finished = ev.finished
-                yield ev
+                t, ev = await q.get()
+                ev = ev.detached(self.name)
+                if out is None:
+                    out, last = ev, t
+                else:
+                    out.merge(ev, gap=t - last)
+                    last = t if ev.new_ids else last
+                finished = out.finished
+                if finished or (stream and q.empty()):
+                    yield out
+                    out = None
         finally:
             if not finished:  # the client went away (Ray cancels this generator): free the KV cache
                 self.et.cancel(h)

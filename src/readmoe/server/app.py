@@ -90,7 +90,7 @@ class Backend(Protocol):
 
     def start(self): ...
     def stop(self, timeout: float | None = None) -> None: ...
-    def submit(self, prompt_ids: list[int], params: SamplingParams, sink) -> object: ...
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink, stream: bool = True) -> object: ...
     def cancel(self, handle) -> None: ...
     def attach_metrics(self, metrics: ServerMetrics) -> None: ...
     def refresh_metrics(self, metrics: ServerMetrics) -> None: ...
@@ -126,8 +126,9 @@ class Server:
                               stop_token_ids=tuple(req.stop_token_ids or ()), stop=tuple(stop),
                               ignore_eos=req.ignore_eos, seed=seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
-    def submit(self, prompts: list[tuple[list[int], str]], params: SamplingParams):
-        """Queue every prompt; returns the choices and the queue their events arrive on."""
+    def submit(self, prompts: list[tuple[list[int], str]], params: SamplingParams, stream: bool = True):
+        """Queue every prompt; returns the choices and the queue their events arrive on. With `stream` False the
+        backend may deliver a request's tokens in one event at the end (a remote replica then sends one message)."""
         if self.draining or not self.et.alive:
             self.metrics.rejected.labels(self.name, "unavailable").inc()
             raise APIError(503, "the server is shutting down" if self.draining else "the engine is not running")
@@ -138,7 +139,8 @@ class Server:
         try:
             for c in choices:
                 c.handle = self.et.submit(c.prompt_ids, params,
-                                          lambda ev, i=c.index: loop.call_soon_threadsafe(q.put_nowait, (i, ev)))
+                                          lambda ev, i=c.index: loop.call_soon_threadsafe(q.put_nowait, (i, ev)),
+                                          stream=stream)
         except (UserError, QueueFull) as e:
             for c in choices:
                 if c.handle is not None:
@@ -172,9 +174,12 @@ class Server:
         """Take an event; return the text that may be sent now (held back: a partial UTF-8 character, and the tail
         that could still become a stop string)."""
         now = time.monotonic()
-        if ev.new_ids:
+        if ev.new_ids:  # an event folding several steps got its first token sum(gaps) ago
+            first_at = now - sum(ev.gaps)
             hist = self.metrics.ttft if c.last_token_at is None else self.metrics.itl
-            hist.labels(self.name).observe(now - (c.last_token_at or c.arrival))
+            hist.labels(self.name).observe(max(0.0, first_at - (c.last_token_at or c.arrival)))
+            for g in ev.gaps:
+                self.metrics.itl.labels(self.name).observe(g)
             c.last_token_at = now
         c.ids += ev.new_ids
         c.logprobs += ev.new_logprobs
@@ -314,7 +319,7 @@ def build_app(backend: Backend, served_model_name: str = "readmoe", api_key: str
             encoded.append((ids, text))
         k = body.logprobs
         params = srv.sampling(body, body.max_tokens, k, k if body.echo and k is not None else None)
-        choices, q = srv.submit(encoded, params)
+        choices, q = srv.submit(encoded, params, stream=bool(body.stream))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk_choice(c: Choice, ev: RequestOutput, delta: str, offset_before: int) -> dict:
@@ -374,7 +379,7 @@ def build_app(backend: Backend, served_model_name: str = "readmoe", api_key: str
         ids = chat_ids(srv, body.messages)
         k = (body.top_logprobs or 0) if body.logprobs else None
         params = srv.sampling(body, body.max_completion_tokens or body.max_tokens, k, None)
-        choices, q = srv.submit([(ids, "")], params)
+        choices, q = srv.submit([(ids, "")], params, stream=bool(body.stream))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         c = choices[0]
 

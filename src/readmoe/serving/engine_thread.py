@@ -43,9 +43,15 @@ class RequestOutput:
     text: str | None = None  # when finished: the whole output text, cut before a stop string
     prompt_logprobs: list[Logprob | None] = field(default_factory=list)  # in the request's first event
     replica: str | None = None  # which engine replica served it (scale-out; None for a single engine)
+    gaps: list[float] = field(default_factory=list)  # seconds between the token-carrying steps folded into it
 
-    def merge(self, later: "RequestOutput") -> "RequestOutput":
-        """Fold a later event of the same request into this one (a response built from several steps)."""
+    def merge(self, later: "RequestOutput", gap: float | None = None) -> "RequestOutput":
+        """Fold a later event of the same request into this one (a response built from several steps). `gap`: the
+        seconds between this event's last token and `later`'s first, kept so the receiver can still observe
+        inter-token latencies."""
+        if gap is not None and self.new_ids and later.new_ids:
+            self.gaps.append(gap)
+        self.gaps += later.gaps
         self.request = later.request or self.request
         self.new_ids += later.new_ids
         self.new_logprobs += later.new_logprobs
@@ -59,7 +65,8 @@ class RequestOutput:
     def detached(self, replica: str | None = None) -> "RequestOutput":
         """A copy without the engine's Request, small enough to send to another process."""
         return RequestOutput(None, self.new_ids, self.new_logprobs, self.new_experts, self.finished,
-                             self.finish_reason, self.error, self.error_code, self.text, self.prompt_logprobs, replica)
+                             self.finish_reason, self.error, self.error_code, self.text, self.prompt_logprobs, replica,
+                             list(self.gaps))
 
 
 Sink = Callable[[RequestOutput], None]
@@ -124,8 +131,10 @@ class EngineThread:
         """Requests not yet holding a KV cache (read without the engine's cooperation: approximate by a step)."""
         return len(self._inbox) + len(self.engine.waiting)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> Handle:
-        """Validate (a UserError names the problem), then queue; QueueFull when `max_queued` are waiting."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink, stream: bool = True) -> Handle:
+        """Validate (a UserError names the problem), then queue; QueueFull when `max_queued` are waiting. `stream`
+        is the server backend's hint that the client wants tokens as they come; in-process every step's event is
+        delivered anyway (it costs nothing)."""
         if not self.alive:
             raise RuntimeError("the engine thread is not running")
         self.engine.validate(prompt_ids, params)
