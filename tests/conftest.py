@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import ARCHS, byte_tokenizer, run, write_corpus_dir, write_dense_dir
+from helpers import ARCHS, CHAT_TEMPLATE, byte_tokenizer, run, tiny_moe, write_corpus_dir, write_dense_dir
 
 
 @pytest.fixture(params=list(ARCHS))
@@ -39,3 +39,14 @@ def workflow(tmp_path, dense_dir, corpus_dir, monkeypatch, capsys):
     code, out, err = run(monkeypatch, capsys, "carve", "--model", dense_dir, "--stats", stats, "--keep", 0.5, "--out", model)
     assert code == 0, err
     return stats, model
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny carved MoE with a byte tokenizer and a chat template, saved as a user's checkpoint directory."""
+    d = tmp_path_factory.mktemp("ckpt")
+    tiny_moe().save_pretrained(d)
+    tok = byte_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(d)
+    return d

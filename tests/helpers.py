@@ -10,6 +10,9 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llama
 
 import readmoe  # noqa: F401  (registers the Auto classes)
 
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+from serve_process import free_port  # noqa: E402,F401  (one definition for the tests and the benchmarks)
+
 VOCAB = 260  # 256 byte symbols + specials
 
 
@@ -140,22 +143,6 @@ def fails(monkeypatch, capsys, match, *args):
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
-
-
-def free_port() -> int:
-    """A free loopback port below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999): an
-    ephemeral one can be taken by a Ray process's own connection between this check and the server's bind."""
-    import random
-    import socket
-
-    for port in random.sample(range(20000, 32768), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32767")
 
 
 class LiveServer:

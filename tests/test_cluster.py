@@ -18,7 +18,7 @@ import torch
 from readmoe.cluster.affinity import AffinityPolicy, ReplicaView, histogram
 from readmoe.cluster.simulate import SimRequest, remap, simulate
 
-from helpers import CHAT_TEMPLATE, byte_tokenizer, free_port, tiny_moe
+from helpers import byte_tokenizer, free_port, tiny_moe
 
 
 # ---------------------------------------------------------------- the policy, no Ray
@@ -119,16 +119,6 @@ def pure_prompt(router, tok, expert: int) -> str:
         if router(torch.tensor([ids]), None, None)[0][0].argmax(-1).tolist() == [expert] * len(ids):
             return ch * 16
     pytest.skip(f"no one-character prompt routes wholly to expert {expert}")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    tiny_moe().save_pretrained(d)
-    tok = byte_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(d)
-    return d
 
 
 def test_replica_sends_one_message_unless_streaming(ckpt):
@@ -275,7 +265,7 @@ def test_outputs_through_ray_equal_one_engine(ckpt, cluster):
     prompts = ["The river runs", "0123", "zz top"]
     with Engine.from_pretrained(ckpt, EngineConfig(capacity=1)) as eng:
         want = [c.text for c in eng.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))]
-    itl = f'readmoe:inter_token_latency_seconds_count{{model_name="tiny"}}'
+    itl = 'readmoe:inter_token_latency_seconds_count{model_name="tiny"}'
     before = httpx.get(f"{cluster.url}/metrics", timeout=10).text
     got = [client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text for p in prompts]

@@ -18,20 +18,9 @@ from readmoe.server import build_app
 from readmoe.serving import Engine, EngineConfig
 from readmoe.serving.engine_thread import EngineThread
 
-from helpers import CHAT_TEMPLATE, LiveServer, byte_tokenizer, free_port, tiny_moe
+from helpers import CHAT_TEMPLATE, LiveServer, free_port
 
 KEY = "sk-test"
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny carved MoE with a byte tokenizer and a chat template, saved as a user's checkpoint directory."""
-    d = tmp_path_factory.mktemp("ckpt")
-    tiny_moe().save_pretrained(d)
-    tok = byte_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")
