@@ -158,10 +158,12 @@ class ReadMEForCausalLM(ReadMEPreTrainedModel, GenerationMixin):
     def layerwise(self) -> bool:
         return self.config.routing == "layerwise"
 
+    def router_modules(self) -> list[nn.Module]:
+        """What picks the experts: the pre-gating router, or a layer-wise model's gates."""
+        return [m.gate for m in self.moe_layers()] if self.layerwise else [self.router]
+
     def router_parameters(self) -> list[nn.Parameter]:
-        if self.layerwise:
-            return [m.gate.weight for m in self.moe_layers()]
-        return list(self.router.parameters())
+        return [p for m in self.router_modules() for p in m.parameters()]
 
     def moe_layers(self) -> list[ReadMEMLP]:
         return [layer.mlp for layer in self.backbone.model.layers]

@@ -148,20 +148,15 @@ def is_fsdp(acc) -> bool:
     return True
 
 
-def router_modules(moe) -> list[nn.Module]:
-    """The modules the router phase trains: the pre-gating router, or a layer-wise model's gates."""
-    return [m.gate for m in moe.moe_layers()] if moe.layerwise else [moe.router]
-
-
 def shard(acc, moe) -> None:
     """FSDP2 over the model, in place, once before training (the whole model never sits on one accelerator):
     each decoder layer is a unit, parameters move to the device shard by shard. The router (or the layer-wise
     gates) stays whole on every process: it is tiny, trained on its own, and runs ahead of the backbone."""
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-    acc.state.fsdp_plugin.ignored_modules = router_modules(moe)
+    acc.state.fsdp_plugin.ignored_modules = moe.router_modules()
     fsdp2_prepare_model(acc, moe)
-    for m in router_modules(moe):
+    for m in moe.router_modules():
         m.to(acc.device)
 
 
