@@ -213,17 +213,26 @@ def test_prefetch_makes_the_same_loads_as_on_demand_and_link_emulation_takes_tim
 
     moe, d = served
     logs = {}
-    for pf in (False, True):
-        eng = Engine(moe, EngineConfig(scheduler="expert-aware", capacity=2, policy="belady", prefetch=pf), checkpoint=d)
+    for pf, link in ((False, None), (True, None), (True, 50.0)):  # on demand, a loader thread, transfers on a link
+        eng = Engine(moe, EngineConfig(scheduler="expert-aware", capacity=2, policy="belady", prefetch=pf,
+                                       link_gbps=link), checkpoint=d)
+        assert (eng.cache.pool is not None) == (pf and link is None)
         eng.run([(0.0, p, SamplingParams(max_tokens=6)) for p in PROMPTS])
-        logs[pf] = (eng.access_log, eng.cache.hits, eng.cache.misses, eng.cache.store.bytes_loaded)
+        logs[pf, link] = (eng.access_log, eng.cache.hits, eng.cache.misses, eng.cache.store.bytes_loaded)
         eng.close()
-    assert logs[True] == logs[False]
+    assert logs[True, None] == logs[False, None] == logs[True, 50.0]
     eng = Engine(moe, EngineConfig(capacity=1, link_gbps=0.001), checkpoint=d)  # 1 MB/s
+    store = eng.cache.store
     t = time.perf_counter()
-    ws = eng.cache.store.load(0, 1)
+    ws = store.load(0, 1)
     n = sum(w.numel() * w.element_size() for w in ws)
-    assert time.perf_counter() - t >= n / 1e6 * 0.95
+    assert n == store.nbytes[0, 1] and time.perf_counter() - t >= n / 1e6 * 0.95
+    # transfers queue on the link: issued back to back, the second arrives a whole transfer after the first
+    t = time.perf_counter()
+    _, first = store.transfer(1, 0)
+    _, second = store.transfer(1, 1)
+    assert first >= t + store.nbytes[1, 0] / 1e6 and second >= first + store.nbytes[1, 1] / 1e6 * 0.999
+    assert time.perf_counter() < second  # issuing does not wait for the link
     eng.close()
 
 
@@ -333,7 +342,7 @@ def test_cli_bench_serve_sweep(workflow, corpus_dir, tmp_path, monkeypatch, caps
         assert all(r["rate"] == pytest.approx(f * data["saturating_rate"]) for r in at)
         link = [r for r in at if r["memory"] == "cap2-link" and r["scheduler"] == "expert-aware"]
         auto, ondemand = sorted(link, key=lambda r: r["ondemand"])
-        assert "link" in auto["prefetch_reason"] and not ondemand["prefetch"]  # auto measures behind the link
+        assert "link" in auto["prefetch_reason"] and auto["prefetch"] and not ondemand["prefetch"]  # on behind the link
         disk = [r for r in at if r["memory"] == "cap2-disk"]
         assert all(not r["prefetch"] and r["capacity"] == 2 for r in disk)  # ... and off on the CPU's own cores
     g = data["goals"]
@@ -362,12 +371,14 @@ def test_prefetch_switch_keeps_the_faster_setting_and_probes_again():
         assert sw.next_step() is True  # `every` steps after the last probe began: probing again
 
 
-def test_auto_prefetch_measures_behind_a_link_and_stays_off_on_cpu_cores(served):
+def test_auto_prefetch_on_behind_a_link_measured_on_a_gpu_off_on_cpu_cores(served, monkeypatch):
+    from readmoe.serving import engine as engine_mod
     from readmoe.serving.prefetch import resolve_prefetch
 
     cpu = torch.device("cpu")
     assert resolve_prefetch("auto", 2, None, cpu)[0] is False
-    assert resolve_prefetch("auto", 2, 2.0, cpu)[0] == "measure"
+    assert resolve_prefetch("auto", 2, 2.0, cpu)[0] is True  # the link's copy engine needs no core
+    assert resolve_prefetch("auto", 2, None, torch.device("cuda"))[0] == "measure"
     assert resolve_prefetch("auto", None, 2.0, cpu)[0] is False  # all resident: nothing to load
     assert resolve_prefetch(True, 2, None, cpu) == (True, "set explicitly")
     with pytest.raises(UserError, match="auto, on or off"):
@@ -375,13 +386,20 @@ def test_auto_prefetch_measures_behind_a_link_and_stays_off_on_cpu_cores(served)
     moe, d = served
     prompts = [[5, 6, 7, 8] * 3, [9, 10, 11] * 5, [12, 13] * 4]
     outs = {}
-    for pf in ("auto", False):
-        with Engine(moe, EngineConfig(capacity=1, link_gbps=50.0, prefetch=pf, max_running=1), checkpoint=d) as eng:
-            outs[pf] = [c.output_ids for c in eng.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))]
-            if pf == "auto":
+    for pf, link in (("auto", 50.0), ("measure", 50.0), ("measure", None), (False, None)):
+        # "measure" is what auto picks on a GPU: switched on and off by measurement, here on a CPU
+        monkeypatch.setattr(engine_mod, "resolve_prefetch",
+                            lambda *a, pf=pf: ("measure", "test") if pf == "measure" else resolve_prefetch(*a))
+        with Engine(moe, EngineConfig(capacity=1, link_gbps=link, prefetch="auto" if pf == "measure" else pf,
+                                      max_running=1), checkpoint=d) as eng:
+            outs[pf, link] = [c.output_ids for c in eng.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))]
+            if pf == "measure":
                 sw = eng.switch
                 assert sw is not None and sw.decisions and eng.cache.enabled == sw.decisions[-1]["on"]
-    assert outs["auto"] == outs[False]  # switching the loader on and off never changes what is computed
+            else:
+                assert eng.switch is None and eng.cache.enabled is (pf == "auto")
+    first = next(iter(outs.values()))
+    assert all(o == first for o in outs.values())  # prefetching, switched or not, never changes what is computed
 
 
 @pytest.mark.parametrize("capacity", [None, 1])

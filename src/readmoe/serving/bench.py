@@ -63,7 +63,7 @@ def summarize(eng: Engine, reqs, name: str) -> dict:
     n = sum(map(len, eng.access_log))
     hits = min_hits(eng.access_log, cap)[0] if cap is not None else n  # all resident: every access hits
     out = {"name": name, "scheduler": eng.cfg.scheduler, "policy": eng.cfg.policy if cap is not None else "resident",
-           "capacity": cap if cap is not None else eng.moe.num_experts, "prefetch": bool(c.pool is not None and c.enabled),
+           "capacity": cap if cap is not None else eng.moe.num_experts, "prefetch": bool(c.can_prefetch and c.enabled),
            "prefetch_reason": eng.prefetch_reason,
            "prefetch_decisions": eng.switch.decisions if eng.switch is not None else [], "cost_model": eng.cost.as_dict(),
            "requests": len(reqs), "generated_tokens": gen, "steps": len(steps)}

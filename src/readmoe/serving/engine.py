@@ -110,7 +110,7 @@ class Engine:
         if cfg.capacity is None:
             self.cache.warm()  # every expert resident: no loads while serving
         self.runner = StepRunner(moe, self._expert, slots=cfg.max_running, max_len=cfg.max_model_len)
-        if self.cache.pool is not None:
+        if self.cache.can_prefetch:
             depth = cfg.prefetch_depth
             self.runner.on_layer = lambda l, order: self.cache.prefetch(l + depth, order)
         if eos_token_id is None and tokenizer is not None:

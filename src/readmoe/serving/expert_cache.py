@@ -45,6 +45,22 @@ def check_cache(capacity: int | None = None, policy: str | None = None, store: s
         raise UserError(f"`{name}` must lie in [1, {num_experts if num_experts is not None else 'experts'}], got {capacity}")
 
 
+def wait_until(t: float) -> None:
+    """Sleep until perf_counter() reaches t (a transfer's arrival), off the cores."""
+    dt = t - time.perf_counter()
+    if dt > 0:
+        time.sleep(dt)
+
+
+class InFlight:
+    """A prefetched expert behind the emulated link: copied when the prefetch was issued, usable at `ready`."""
+
+    __slots__ = ("ws", "ready")
+
+    def __init__(self, ws: tuple, ready: float):
+        self.ws, self.ready = ws, ready
+
+
 def expert_key(layer: int, expert: int, proj: str) -> str:
     return f"backbone.model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
 
@@ -80,6 +96,8 @@ class ExpertStore:
         # Emulated host->accelerator link: a load takes at least bytes / link_gbps, waited off the compute cores.
         # On a CPU-only machine a "load" is a page-cache memcpy that competes with compute for the same cores;
         # the link is what an offloading GPU server (the paper's setting) pays, and what prefetching can hide.
+        # Its copy engine needs no core, so the emulation copies on the calling thread (the CPU work is the same
+        # prefetched or not) and only the link's time runs beside compute (`transfer` returns the arrival).
         self.link_gbps = link_gbps
         self.num_layers, self.num_experts = len(model.moe_layers()), model.num_experts
         self._ckpt = None
@@ -100,6 +118,7 @@ class ExpertStore:
         self.nbytes = {(l, e): sum(math.prod(s) for s in self._shapes(l, e)) * self.dtype.itemsize
                        for l in range(self.num_layers) for e in range(self.num_experts)}
         self.bytes_loaded = 0
+        self._link_free = 0.0  # when the emulated link has delivered every transfer queued on it
         self._lock = threading.Lock()
 
     def _shapes(self, layer: int, expert: int) -> list[tuple[int, ...]]:
@@ -128,20 +147,31 @@ class ExpertStore:
             return (mapped_empty(gu.shape, self.dtype).copy_(gu), mapped_empty(d.shape, self.dtype).copy_(d))
         return gu.to(self.device, self.dtype, non_blocking=True), d.to(self.device, self.dtype, non_blocking=True)
 
-    def load(self, layer: int, expert: int, count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """The expert's weights on the compute device: (gate and up stacked [2 * size, hidden], down)."""
+    def transfer(self, layer: int, expert: int, count: bool = True) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+        """Copy the expert now; returns its weights and when (perf_counter) they have arrived.
+
+        Behind the emulated link, transfers queue on it one after another, each taking at least bytes / link_gbps
+        (its copy overlaps its own link time): a copy engine's FIFO. Without a link they have arrived at once."""
         t0 = time.perf_counter()
         if self._ckpt is not None:
             ws = self._read(layer, expert)
         else:
             g, u, d = self._host[layer, expert]
             ws = (_fused(g, u, self.device, self.dtype), _copy(d, self.device, self.dtype))
-        n = self.nbytes[layer, expert]
+        ready = time.perf_counter()
         if count:
+            n = self.nbytes[layer, expert]
             with self._lock:
                 self.bytes_loaded += n
-            if self.link_gbps:
-                time.sleep(max(0.0, n / (self.link_gbps * 1e9) - (time.perf_counter() - t0)))
+                if self.link_gbps:
+                    self._link_free = max(t0, self._link_free) + n / (self.link_gbps * 1e9)
+                    ready = max(ready, self._link_free)
+        return ws, ready
+
+    def load(self, layer: int, expert: int, count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert's weights on the compute device (gate and up stacked [2 * size, hidden], down), once arrived."""
+        ws, ready = self.transfer(layer, expert, count)
+        wait_until(ready)
         return ws
 
     def close(self) -> None:
@@ -154,22 +184,25 @@ class ExpertCache:
 
     `ahead` is the predicted access order after the current step (the scheduler's lookahead over the
     pre-gated queues); `belady` puts the current step's remaining accesses in front of it. With `prefetch`,
-    `prefetch(layer, experts)` starts loading in a background thread; `get` then waits only for what is still
-    in flight."""
+    `prefetch(layer, experts)` starts loading without blocking (a transfer on the link, or a loader thread);
+    `get` then waits only for what is still in flight."""
 
     def __init__(self, store: ExpertStore, capacity: int, policy: str = "lru", prefetch: bool = False, seed: int = 0):
         check_cache(capacity, policy)
         self.store, self.capacity, self.policy = store, capacity, policy
         L = store.num_layers
-        self.resident: list[dict[int, Future | tuple]] = [dict() for _ in range(L)]
+        self.resident: list[dict[int, Future | InFlight | tuple]] = [dict() for _ in range(L)]
         self.last_use: list[dict[int, int]] = [dict() for _ in range(L)]
         self.uses: list[dict[int, int]] = [dict() for _ in range(L)]
         self.clock = 0
         self.rng = random.Random(seed)
         self.ahead: Sequence[int] = []
         self._upcoming: Sequence[int] = []
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
-        self.enabled = prefetch  # False: the loader thread idles and loads happen inline (switched per step)
+        # How a prefetch overlaps compute: behind a link, the transfer is issued at once and waited for at use
+        # (InFlight); otherwise a loader thread copies (a GPU's copy engine does the work; on CPU cores it competes)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch and not store.link_gbps else None
+        self.can_prefetch = bool(prefetch)
+        self.enabled = bool(prefetch)  # False: loads happen on demand, inline (switched per step)
         self.hits = self.misses = 0
         self.load_s = 0.0  # time spent copying experts (in the loader thread or inline)
         self.inline_s = 0.0  # of which inline, on the compute thread
@@ -198,14 +231,25 @@ class ExpertCache:
         self.load_s += time.perf_counter() - t
         return ws
 
+    def _issue(self, layer: int, expert: int) -> InFlight:
+        """Start a transfer over the link; its copy runs now, on this thread, as an on-demand load's would."""
+        t = time.perf_counter()
+        ws, ready = self.store.transfer(layer, expert)
+        copy_s = time.perf_counter() - t
+        self.load_s += max(copy_s, self.store.nbytes[layer, expert] / (self.store.link_gbps * 1e9))  # queueing aside
+        self.inline_s += copy_s
+        return InFlight(ws, ready)
+
     def _admit(self, layer: int, expert: int, keep: set[int]):
         res = self.resident[layer]
         while len(res) >= self.capacity:
             victim = self._victim(layer, keep)
             del res[victim]
             self.prefetched[layer].discard(victim)
-        if self.pool is not None and self.enabled:
+        if self.enabled and self.pool is not None:
             res[expert] = self.pool.submit(self._timed_load, layer, expert)
+        elif self.enabled and self.can_prefetch:
+            res[expert] = self._issue(layer, expert)
         else:
             t = time.perf_counter()
             res[expert] = self._timed_load(layer, expert)
@@ -217,7 +261,7 @@ class ExpertCache:
 
         Only into free slots or over experts this step does not need, so prefetching never evicts what the
         step is about to use and makes exactly the loads on-demand loading would make, earlier."""
-        if self.pool is None or not self.enabled or layer >= len(self.resident):
+        if not self.enabled or layer >= len(self.resident):
             return
         res, needed = self.resident[layer], set(experts)
         self._upcoming = list(experts)
@@ -246,9 +290,13 @@ class ExpertCache:
         self.last_use[layer][expert] = self.clock
         self.uses[layer][expert] = self.uses[layer].get(expert, 0) + 1
         ws = res[expert]
-        if isinstance(ws, Future):
+        if isinstance(ws, (Future, InFlight)):
             t = time.perf_counter()
-            ws = ws.result()
+            if isinstance(ws, Future):
+                ws = ws.result()
+            else:
+                wait_until(ws.ready)
+                ws = ws.ws
             self.wait_s += time.perf_counter() - t
             res[expert] = ws
         return ws

@@ -1,10 +1,11 @@
 """Whether to prefetch experts: decided by where loads can overlap compute, then by measurement.
 
 Prefetch pays only where a copy runs beside compute: a GPU's copy engine, or a link whose
-transfer time a loader thread can wait out. On a CPU with no link the loader's memcpy runs on
-the cores the step needs, so `auto` stays off there. Where it could pay, whether it does depends
-on the machine and the load (a loader thread still takes the GIL and memory bandwidth), so `auto`
-measures: it alternates windows of steps with prefetch on and off, keeps the one whose steps
+transfer time can be waited out. On a CPU with no link the loader's memcpy runs on the cores the
+step needs, so `auto` stays off there. Behind the emulated link a prefetch only issues the transfer
+earlier (the emulation copies on the compute thread either way, as a copy engine costs no core), so
+`auto` turns it on. On a GPU, whether it pays depends on the machine and the load (the loader
+thread still takes the GIL), so `auto` measures: it alternates windows of steps with prefetch on and off, keeps the one whose steps
 ran faster relative to the step cost model's prediction for their size (tokens, experts), and
 probes again every `every` steps, since load and batch mix drift. Normalising by the prediction
 matters: a window that happens to hold prompt chunks has more tokens per step, and seconds per
@@ -30,10 +31,10 @@ def resolve_prefetch(prefetch: bool | str, capacity: int | None, link_gbps: floa
         return prefetch, "set explicitly"
     if prefetch != "auto":
         raise UserError(f"prefetch must be auto, on or off, not '{prefetch}'")
+    if link_gbps is not None:
+        return True, "auto: loads wait on a link whose copy engine needs no core; prefetching starts them earlier"
     if device.type == "cuda":
         return "measure", "auto: a GPU can copy experts while it computes; kept on while measured faster"
-    if link_gbps is not None:
-        return "measure", "auto: loads wait on a link, which a loader thread can overlap; kept on while measured faster"
     return False, "auto: on CPU cores a loader thread competes with compute"
 
 
