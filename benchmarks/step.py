@@ -1,5 +1,7 @@
 """Engine decode-step time at several batch sizes: MoE against its dense parent, fp32 against bf16.
 
+A dtype `bfloat16:plain` runs bf16 without prepacked weights (the engine's `pack_weights=False`), to
+show what packing for oneDNN gives; plain `bfloat16` is the engine's default (packed on CPU cores).
 Each round builds a fresh engine per (dtype, model, batch), prefills `batch` prompts of --context
 tokens, then times --tokens decode steps (all experts resident, decode-first). Every variant runs
 once per round (interleaved), and the report gives each variant's median step time over rounds,
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 from readmoe import report
+from readmoe.atomic import atomic_write_text
 from readmoe.backbone import load_dense
 from readmoe.modeling import load_readme
 from readmoe.pipeline import dense_on_engine
@@ -24,11 +27,11 @@ from readmoe.serving.engine import Engine, EngineConfig
 from readmoe.serving.request import SamplingParams
 
 
-def decode_ms(model, checkpoint, batch: int, context: int, tokens: int, vocab: int) -> float:
+def decode_ms(model, checkpoint, batch: int, context: int, tokens: int, vocab: int, pack="auto") -> float:
     """Median decode-step time (ms) of `batch` requests decoding together, after their prefill."""
     g = torch.Generator().manual_seed(batch)
-    with Engine(model, EngineConfig(scheduler="decode-first", token_budget=batch * context, max_running=batch),
-                checkpoint=checkpoint) as eng:
+    with Engine(model, EngineConfig(scheduler="decode-first", token_budget=batch * context, max_running=batch,
+                                    pack_weights=pack), checkpoint=checkpoint) as eng:
         for _ in range(batch):
             eng.submit(torch.randint(0, vocab, (context,), generator=g).tolist(),
                        SamplingParams(max_tokens=tokens, ignore_eos=True))
@@ -51,14 +54,18 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,bfloat16,bfloat16:plain")
     a = ap.parse_args()
     dtypes = a.dtypes.split(",")
     models = {}
     for dt in dtypes:
-        moe, _ = load_readme(a.model, getattr(torch, dt))
+        torch_dt = getattr(torch, dt.split(":")[0])
+        if torch_dt in {getattr(torch, d.split(":")[0]) for d in models}:  # same weights, other engine settings
+            models[dt] = next(v for d, v in models.items() if getattr(torch, d.split(":")[0]) == torch_dt)
+            continue
+        moe, _ = load_readme(a.model, torch_dt)
         models[dt] = {"moe": (moe, a.model), "dense": (dense_on_engine(load_dense(moe.config.parent_model,
-                                                                                  getattr(torch, dt))[0], moe), None)}
+                                                                                  torch_dt)[0], moe), None)}
     vocab = moe.config.text_config.vocab_size
     batches = [int(b) for b in a.batches.split(",")]
     ms: dict[str, list[float]] = {}
@@ -66,7 +73,8 @@ def main() -> None:
         for b in batches:
             for dt in dtypes:
                 for name, (m, ck) in models[dt].items():
-                    ms.setdefault(f"{dt}.{name}.b{b}", []).append(decode_ms(m, ck, b, a.context, a.tokens, vocab))
+                    pack = False if dt.endswith(":plain") else "auto"
+                    ms.setdefault(f"{dt}.{name}.b{b}", []).append(decode_ms(m, ck, b, a.context, a.tokens, vocab, pack))
     data = {"settings": vars(a) | {"threads": torch.get_num_threads()}, "ms": ms, "rows": []}
     rows = []
     for b in batches:
@@ -83,10 +91,10 @@ def main() -> None:
                          fmt(row.get("moe_fp32_over_this")), fmt(row.get("dense_fp32_over_this"))])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(data, indent=1))
+    atomic_write_text(out / "report.json", json.dumps(data, indent=1))
     h = ["batch", "dtype", "MoE step ms", "dense step ms", "dense/MoE", "MoE fp32/this", "dense fp32/this"]
     report.print_table(f"decode step, context {a.context}, {a.rounds} interleaved rounds (median, min-max)", h, rows)
-    (out / "report.md").write_text(report.markdown_table(h, rows))
+    atomic_write_text(out / "report.md", report.markdown_table(h, rows))
 
 
 if __name__ == "__main__":

@@ -213,14 +213,17 @@ def test_prefetch_makes_the_same_loads_as_on_demand_and_link_emulation_takes_tim
 
     moe, d = served
     logs = {}
-    for pf, link in ((False, None), (True, None), (True, 50.0)):  # on demand, a loader thread, transfers on a link
-        eng = Engine(moe, EngineConfig(scheduler="expert-aware", capacity=2, policy="belady", prefetch=pf,
-                                       link_gbps=link), checkpoint=d)
-        assert (eng.cache.pool is not None) == (pf and link is None)
-        eng.run([(0.0, p, SamplingParams(max_tokens=6)) for p in PROMPTS])
-        logs[pf, link] = (eng.access_log, eng.cache.hits, eng.cache.misses, eng.cache.store.bytes_loaded)
-        eng.close()
-    assert logs[True, None] == logs[False, None] == logs[True, 50.0]
+    for cap, sched in ((2, "expert-aware"), (1, "decode-first")):  # at capacity 1 steps need more than fit
+        for pf, link in ((False, None), (True, None), (True, 50.0)):  # on demand, a loader thread, a link
+            eng = Engine(moe, EngineConfig(scheduler=sched, capacity=cap, policy="belady", prefetch=pf,
+                                           link_gbps=link), checkpoint=d)
+            assert (eng.cache.pool is not None) == (pf and link is None)
+            eng.run([(0.0, p, SamplingParams(max_tokens=6)) for p in PROMPTS])
+            logs[pf, link] = (eng.access_log, eng.cache.hits, eng.cache.misses, eng.cache.store.bytes_loaded)
+            if not pf or cap == 1:  # within a layer, loads start early only when prefetching
+                assert (eng.cache.early_loads > 0) is bool(pf)
+            eng.close()
+        assert logs[True, None] == logs[False, None] == logs[True, 50.0]
     eng = Engine(moe, EngineConfig(capacity=1, link_gbps=0.001), checkpoint=d)  # 1 MB/s
     store = eng.cache.store
     t = time.perf_counter()
@@ -425,3 +428,54 @@ def test_engine_in_bf16_matches_the_hf_model_in_bf16(served, capacity):
         want = want[torch.arange(len(p) - 1), torch.tensor(p[1:])]
         torch.testing.assert_close(got, want, atol=0.05, rtol=0.01)
         assert len(r.output_ids) == 5 and r.finish_reason == "length"
+
+
+def test_packed_bf16_weights_compute_what_plain_weights_do(served, monkeypatch):
+    """Prepacking for oneDNN (auto: bf16 on CPU cores) changes the layout, not the numbers: the same prompt
+    log-probabilities and greedy tokens as the plain weights; fp32 stays plain, an impossible `on` is a UserError,
+    and auto declines when the packed copy would be large against the memory available."""
+    import copy
+
+    from readmoe.serving import packed_linear
+    from readmoe.serving.packed_linear import PackedLinear, resolve_packing, supported
+
+    cpu = torch.device("cpu")
+    moe, d = served
+    assert resolve_packing("auto", cpu, torch.float32, 1)[0] is False
+    with pytest.raises(UserError, match="pack-weights on. needs bf16"):
+        resolve_packing(True, cpu, torch.float32, 1)
+    with pytest.raises(UserError, match="auto, on or off"):
+        resolve_packing("yes", cpu, torch.bfloat16, 1)
+    if not supported(cpu, torch.bfloat16):
+        pytest.skip("this CPU's oneDNN has no bf16 kernels")
+    monkeypatch.setattr(packed_linear, "available_bytes", lambda: 10 ** 9)
+    assert resolve_packing("auto", cpu, torch.bfloat16, 10 ** 7)[0] is True
+    packed, why = resolve_packing("auto", cpu, torch.bfloat16, 2 * 10 ** 8)
+    assert packed is False and "available memory" in why
+    monkeypatch.undo()
+    bf = copy.deepcopy(moe).to(torch.bfloat16)
+    prompts = PROMPTS + [[3, 4] * 9]  # 1 to 18 rows per matmul
+    out = {}
+    for mode in (False, "auto"):
+        with Engine(bf, EngineConfig(pack_weights=mode), checkpoint=d) as eng:
+            assert eng.packed is (mode == "auto") and eng.runner.packed is eng.packed
+            assert all(isinstance(w, PackedLinear) is eng.packed
+                       for res in eng.cache.resident for ws in res.values() for w in ws)
+            reqs = [eng.submit(p, SamplingParams(max_tokens=6, prompt_logprobs=0, ignore_eos=True)) for p in prompts]
+            while eng.has_work():
+                eng.step()
+        out[mode] = [([lp.logprob for lp in r.prompt_logprobs[1:]], r.output_ids) for r in reqs]
+    assert out["auto"] == out[False]
+    from helpers import tiny_llama
+    from readmoe.pipeline import dense_on_engine
+
+    dense = dense_on_engine(tiny_llama(), moe).to(torch.bfloat16)  # empty routed experts stay unpacked
+    gen = {}
+    for mode in (False, "auto"):
+        with Engine(dense, EngineConfig(pack_weights=mode)) as eng:
+            gen[mode] = [c.output_ids for c in eng.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))]
+    assert gen["auto"] == gen[False]
+    with Engine(bf, EngineConfig(capacity=1), checkpoint=d) as eng:  # loaded experts stay plain tensors
+        assert eng.packed and eng.cache.store.bytes_loaded == 0
+        eng.generate([prompts[0]], SamplingParams(max_tokens=3))
+        assert all(isinstance(w, torch.Tensor) for res in eng.cache.resident for ws in res.values() for w in ws)

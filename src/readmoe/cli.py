@@ -409,6 +409,8 @@ def serve(
     policy: str = typer.Option("belady", help="expert cache policy: lru, lfu, random, belady"),
     prefetch: str = typer.Option("auto", help="load the next layers' experts while a layer computes: auto (on for a "
                                               "GPU or a link, off on CPU cores), on, off"),
+    pack_weights: str = typer.Option("auto", help="prepack bf16 weights for oneDNN's CPU kernels: auto (bf16 on CPU "
+                                                  "when the packed copy fits in 10 % of free memory), on, off"),
     token_budget: int = typer.Option(128, help="tokens per engine step (prompt chunks and decode tokens together)"),
     max_running: int = typer.Option(16, help="requests holding a KV cache at once"),
     max_wait: int = typer.Option(8, help="aging bound: steps a queued token may wait"),
@@ -454,9 +456,11 @@ def serve(
     modes = {"auto": "auto", "on": True, "off": False}
     if prefetch not in modes:
         raise UserError(f"unknown --prefetch '{prefetch}': use auto, on or off")
+    if pack_weights not in modes:
+        raise UserError(f"unknown --pack-weights '{pack_weights}': use auto, on or off")
     cfg = EngineConfig(scheduler=scheduler, token_budget=token_budget, max_running=max_running, max_wait=max_wait,
                        capacity=capacity, policy=policy, prefetch=modes[prefetch], store=store, link_gbps=link_gbps,
-                       max_model_len=max_model_len)
+                       max_model_len=max_model_len, pack_weights=modes[pack_weights])
     dt = _dtype(dtype)
     if replicas > 1 or emit_config is not None:
         if dense:

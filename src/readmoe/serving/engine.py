@@ -23,6 +23,7 @@ from ..errors import UserError
 from .expert_cache import ExpertCache, ExpertStore, Policy, Store, check_cache
 from .request import Logprob, Request, RequestStatus, SamplingParams, validate
 from .cost_model import StepCostModel
+from .packed_linear import PackMode, resolve_packing
 from .prefetch import PrefetchSwitch, resolve_prefetch
 from .scheduler import SchedulerName, SchedulerOutput, age, lookahead, make_scheduler
 from .step_runner import Segment, StepRunner, first_use_order
@@ -43,6 +44,8 @@ class EngineConfig:
     lookahead: int = 16  # scheduler steps simulated for belady
     prefetch_depth: int = 2  # layers loaded ahead of the one computing
     link_gbps: float | None = None  # emulate a host->accelerator link of this bandwidth for expert loads
+    pack_weights: PackMode = "auto"  # prepack bf16 weights for oneDNN (packed_linear.py); auto: bf16 on CPU cores,
+    # when the packed copy fits in 10 % of the available memory
     max_model_len: int | None = 4096  # KV capacity per request (prompt + output), reserved once per running slot;
     # None: the model's context window. On CPU untouched capacity costs address space, not memory.
 
@@ -107,12 +110,13 @@ class Engine:
         mode, self.prefetch_reason = resolve_prefetch(cfg.prefetch, cfg.capacity, cfg.link_gbps, device)
         self.switch = PrefetchSwitch() if mode == "measure" else None
         self.cache = ExpertCache(store, cfg.capacity or moe.num_experts, cfg.policy, prefetch=bool(mode))
+        self.packed, self.pack_reason = resolve_packing(cfg.pack_weights, device, next(moe.parameters()).dtype,
+                                                        StepRunner.packed_bytes(moe))
         if cfg.capacity is None:
-            self.cache.warm()  # every expert resident: no loads while serving
-        self.runner = StepRunner(moe, self._expert, slots=cfg.max_running, max_len=cfg.max_model_len)
+            self.cache.warm(pack=self.packed)  # every expert resident: no loads while serving
+        self.runner = StepRunner(moe, self._expert, slots=cfg.max_running, max_len=cfg.max_model_len, pack=self.packed)
         if self.cache.can_prefetch:
-            depth = cfg.prefetch_depth
-            self.runner.on_layer = lambda l, order: self.cache.prefetch(l + depth, order)
+            self.runner.on_layer = self._prefetch
         if eos_token_id is None and tokenizer is not None:
             eos_token_id = eos_ids(moe, tokenizer)
         self.eos: set[int] = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
@@ -279,6 +283,13 @@ class Engine:
             return 0.0
         bw = s.bytes_loaded / c.load_s if c.load_s > 0 else (self.cfg.link_gbps or 4.0) * 1e9
         return sum(s.nbytes[l, expert] for l in missing) / bw
+
+    def _prefetch(self, layer: int, order: list[int]) -> None:
+        """Before `layer` runs, start loading `prefetch_depth` layers ahead; before the first, every layer up to
+        that depth, so the transfers of layers 1.. queue while layer 0 waits instead of after it."""
+        d = self.cfg.prefetch_depth
+        for ahead in range(0 if layer == 0 else layer + d, layer + d + 1):
+            self.cache.prefetch(ahead, order)
 
     def _expert(self, layer: int, expert: int, rest: list[int]):
         return self.cache.get(layer, expert, keep=rest)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import mapped_empty
+from .packed_linear import pack as pack_weight
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
 Policy = Literal["lru", "lfu", "random", "belady"]
@@ -208,6 +209,7 @@ class ExpertCache:
         self.inline_s = 0.0  # of which inline, on the compute thread
         self.wait_s = 0.0  # time the compute thread spent blocked on loads
         self.prefetched: list[set[int]] = [set() for _ in range(L)]  # loaded ahead for an access not yet made
+        self.early_loads = 0  # of those, started within the layer, over an expert the step had just used
 
     # -------------------------------------------------------------- policy
     def _victim(self, layer: int, keep: set[int]) -> int:
@@ -299,13 +301,23 @@ class ExpertCache:
                 ws = ws.ws
             self.wait_s += time.perf_counter() - t
             res[expert] = ws
+        rest = list(keep)[1:]
+        if self.enabled and rest and rest[0] not in res and len(res) >= self.capacity:
+            # The step needs more experts than fit and `prefetch` stopped at capacity: start the next one's load
+            # now, over this expert (its weights are in the caller's hands) or one not needed, so it overlaps
+            # this expert's compute. The same victim on-demand loading would pick at the next `get`.
+            self._admit(layer, rest[0], set(rest))
+            self.prefetched[layer].add(rest[0])
+            self.early_loads += 1
         return ws
 
-    def warm(self) -> None:
-        """Load every expert of every layer (capacity permitting) without counting hits, misses or bytes."""
+    def warm(self, pack: bool = False) -> None:
+        """Load every expert of every layer (capacity permitting) without counting hits, misses or bytes;
+        `pack`: keep them prepacked for oneDNN (packed_linear.py), which replaces the loaded copy."""
         for l, res in enumerate(self.resident):
             for e in range(min(self.capacity, self.store.num_experts)):
-                res[e] = self.store.load(l, e, count=False)
+                ws = self.store.load(l, e, count=False)
+                res[e] = tuple(map(pack_weight, ws)) if pack else ws
                 self.last_use[l][e] = 0
 
     def resident_bytes(self) -> int:

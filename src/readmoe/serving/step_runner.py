@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..backbone import check_supported
 from ..moe import add_routed
+from .packed_linear import PackedLinear, linear, pack
 
 # Linux's flag (Python < 3.12 lacks the constant): map the KV cache without reserving memory for all of it.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
@@ -101,7 +102,7 @@ def first_use_order(segs: list[Segment]) -> list[int]:
 class StepRunner:
     """Runs flat ragged batches; owns the KV cache of `slots` sequences of up to `max_len` tokens each."""
 
-    def __init__(self, moe, expert_fn, slots: int = 16, max_len: int | None = None):
+    def __init__(self, moe, expert_fn, slots: int = 16, max_len: int | None = None, pack: bool = False):
         check_supported(moe, serving=True)
         self.moe = moe
         m = moe.backbone.model
@@ -122,6 +123,32 @@ class StepRunner:
         self.pad_rows = self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
         self.kv = KVCache(len(self.layers), slots, self.kv_heads, self.max_len, self.head_dim, self.dtype, self.device)
         self.shared_gu = [self._stack_shared(layer.mlp.shared) for layer in self.layers]
+        self.shared_down = [layer.mlp.shared.down_proj.weight for layer in self.layers]
+        # The projections the step calls: the modules, or their weights prepacked (packed_linear.py)
+        self.qkvo = [(a.q_proj, a.k_proj, a.v_proj, a.o_proj) for a in (layer.self_attn for layer in self.layers)]
+        self.lm_head = moe.backbone.lm_head
+        self.packed = False
+        if pack:
+            self.pack()
+
+    @staticmethod
+    def packed_bytes(moe) -> int:
+        """What `pack()` adds to memory: a copy of the attention projections, lm_head and the shared expert."""
+        layers = moe.backbone.model.layers
+        mods = [moe.backbone.lm_head] + [p for layer in layers for p in (
+            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+            layer.mlp.shared.gate_proj, layer.mlp.shared.up_proj, layer.mlp.shared.down_proj)]
+        return sum(m.weight.numel() * m.weight.element_size() for m in mods)
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Prepack every projection the step runs outside the expert cache (the cache packs its own)."""
+        lin = lambda m: PackedLinear(m.weight, m.bias)  # noqa: E731
+        self.qkvo = [tuple(map(lin, ps)) for ps in self.qkvo]
+        self.lm_head = lin(self.lm_head)
+        self.shared_gu = [None if gu is None else pack(gu) for gu in self.shared_gu]
+        self.shared_down = [pack(d) for d in self.shared_down]
+        self.packed = True
 
     @staticmethod
     @torch.no_grad()
@@ -152,13 +179,13 @@ class StepRunner:
         m = x.shape[0]
         if self.pad_rows and m & (m - 1):
             x = F.pad(x, (0, 0, 0, (1 << (m - 1).bit_length()) - m))
-        g, u = F.linear(x, gu).chunk(2, -1)
-        return F.linear(act(g) * u, down)[:m]
+        g, u = linear(x, gu).chunk(2, -1)
+        return linear(act(g) * u, down)[:m]
 
     def _mlp(self, l: int, x: torch.Tensor, ids: torch.Tensor, order: list[int]) -> torch.Tensor:
         sh = self.layers[l].mlp.shared
         act = sh.act_fn
-        out = sh(x) if self.shared_gu[l] is None else self._gated(x, self.shared_gu[l], sh.down_proj.weight, act)
+        out = sh(x) if self.shared_gu[l] is None else self._gated(x, self.shared_gu[l], self.shared_down[l], act)
 
         def run(e: int, rows: torch.Tensor, rest: list[int]) -> torch.Tensor | None:
             gu, d = self.expert_fn(l, e, rest)  # referenced only here: an evicted expert's memory goes at once
@@ -227,10 +254,11 @@ class StepRunner:
             if self.on_layer is not None:
                 self.on_layer(l, order)
             attn = layer.self_attn
+            q_proj, k_proj, v_proj, o_proj = self.qkvo[l]
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(1, N, -1, self.head_dim)
-            k = attn.k_proj(x).view(1, N, -1, self.head_dim)
-            v = attn.v_proj(x).view(1, N, -1, self.head_dim)
+            q = q_proj(x).view(1, N, -1, self.head_dim)
+            k = k_proj(x).view(1, N, -1, self.head_dim)
+            v = v_proj(x).view(1, N, -1, self.head_dim)
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [1, heads, N, d]
@@ -240,13 +268,13 @@ class StepRunner:
                 self._attend_decode(l, q, k, v, out, plan)
             for seg, off, n in chunks:
                 self._attend_chunk(l, seg, off, n, q, k, v, out)
-            h = h + attn.o_proj(out.transpose(1, 2).reshape(1, N, -1))
+            h = h + o_proj(out.transpose(1, 2).reshape(1, N, -1))
             x = layer.post_attention_layernorm(h)[0]
             h = h + self._mlp(l, x, eids, order)[None]
         for s, n in zip(segs, lens):
             s.kv.len += n
         ends = torch.tensor(lens, device=self.device).cumsum(0)
-        head = lambda rows: self.moe.backbone.lm_head(self.m.norm(rows))  # noqa: E731
+        head = lambda rows: self.lm_head(self.m.norm(rows))  # noqa: E731
         for s, end, n in zip(segs, ends.tolist(), lens):
             if s.all_logits:
                 s.logits = head(h[0, end - n:end])
