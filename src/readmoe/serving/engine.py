@@ -115,8 +115,9 @@ class Engine:
         if cfg.capacity is None:
             self.cache.warm(pack=self.packed)  # every expert resident: no loads while serving
         self.runner = StepRunner(moe, self._expert, slots=cfg.max_running, max_len=cfg.max_model_len, pack=self.packed)
-        if self.cache.can_prefetch:
-            self.runner.on_layer = self._prefetch
+        if self.cache.can_prefetch:  # layers 0..depth are issued before the step (execute)
+            depth = cfg.prefetch_depth
+            self.runner.on_layer = lambda l, order: self.cache.prefetch(l + depth, order)
         if eos_token_id is None and tokenizer is not None:
             eos_token_id = eos_ids(moe, tokenizer)
         self.eos: set[int] = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
@@ -283,13 +284,6 @@ class Engine:
             return 0.0
         bw = s.bytes_loaded / c.load_s if c.load_s > 0 else (self.cfg.link_gbps or 4.0) * 1e9
         return sum(s.nbytes[l, expert] for l in missing) / bw
-
-    def _prefetch(self, layer: int, order: list[int]) -> None:
-        """Before `layer` runs, start loading `prefetch_depth` layers ahead; before the first, every layer up to
-        that depth, so the transfers of layers 1.. queue while layer 0 waits instead of after it."""
-        d = self.cfg.prefetch_depth
-        for ahead in range(0 if layer == 0 else layer + d, layer + d + 1):
-            self.cache.prefetch(ahead, order)
 
     def _expert(self, layer: int, expert: int, rest: list[int]):
         return self.cache.get(layer, expert, keep=rest)
