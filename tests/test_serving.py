@@ -302,6 +302,13 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
             h, n = min_hits([ln["experts"] for ln in lines if ln["layer"] == 0], r["capacity"])
             assert h / n == pytest.approx(r["optimal_hit_ratio"])
     assert data["dense"]["requests"] == 5 and data["batch1_decode"]["speedup"] > 0
+    import statistics  # the resident runs and the dense parent: 3 interleaved rounds, medians in the row
+
+    for r in [x for x in data["runs"] if x["policy"] == "resident"] + [data["dense"]]:
+        rounds = r["rounds"]["mean_norm_latency_s"]
+        assert len(rounds) == 3 and r["mean_norm_latency_s"] == statistics.median(rounds)
+        assert r["p95_norm_latency_s"] == statistics.median(r["rounds"]["p95_norm_latency_s"])
+    assert all("rounds" not in r for r in data["runs"] if r["policy"] != "resident")
     for png in ("latency_cdf.png", "hit_ratio.png", "experts_per_batch.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     tr = tmp_path / "trace.jsonl"
@@ -331,13 +338,15 @@ def test_cli_bench_serve_sweep(workflow, corpus_dir, tmp_path, monkeypatch, caps
     _, model = workflow
     out = tmp_path / "sweep"
     code, stdout, err = run(monkeypatch, capsys, "bench", "serve", "--model", model, "--corpus", corpus_dir, "--out", out,
-                            "--sweep", "--quick", "--requests", 4, "--max-running", 4)
+                            "--sweep", "--quick", "--requests", 4, "--max-running", 4, "--rounds", 2)
     assert code == 0, err
     data = json.loads((out / "report.json").read_text())
     runs = data["runs"]
     assert data["saturating_rate"] > 0 and all(r["requests"] == 4 for r in runs)
     per_rate = len(MEMORY) * 2 + 1 + 1  # 2 schedulers per memory setting, on-demand behind the link, dense
     assert len(runs) == len(QUICK_RATES) * per_rate
+    for r in runs:  # the all-resident cells ran in 2 interleaved rounds and keep the medians
+        assert len(r["rounds"]["mean_norm_latency_s"]) == 2 if r["memory"] == "resident" else "rounds" not in r
     for f in QUICK_RATES:
         at = [r for r in runs if r["rate_factor"] == f]
         assert {(r["scheduler"], r["memory"]) for r in at if r["model"] == "moe" and not r["ondemand"]} == \

@@ -303,6 +303,7 @@ def bench_serve(
     corpus: str = typer.Option("embedded", help=CORPUS_HELP),
     dense: Optional[str] = typer.Option(None, help="dense parent to serve for comparison (default: recorded); 'none'"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    rounds: int = typer.Option(3, help="interleaved repeats of the all-resident runs (the report keeps medians)"),
 ):
     """Serve one workload with every scheduler x cache policy x capacity and write the report."""
     from . import backbone
@@ -320,14 +321,17 @@ def bench_serve(
         raise UserError("--requests must be >= 1")
     if link_gbps is not None and link_gbps <= 0:
         raise UserError("--link-gbps must be > 0")
+    if rounds < 1:
+        raise UserError("--rounds must be >= 1")
     if sweep:
         from .serving import EngineConfig
 
         return _bench_sweep(model, out, quick, schedulers, requests, corpus, dense,
                             EngineConfig(token_budget=token_budget, max_running=max_running, max_wait=max_wait),
-                            _dtype(dtype))
+                            _dtype(dtype), rounds)
     cfg = BenchConfig(token_budget=token_budget, max_running=max_running, max_wait=max_wait, store=store, link_gbps=link_gbps,
-                      workload=WorkloadConfig(requests=n, rate=rate, arrival=arrival), trace=str(trace) if trace else None)
+                      workload=WorkloadConfig(requests=n, rate=rate, arrival=arrival), trace=str(trace) if trace else None,
+                      rounds=rounds)
     if quick:
         cfg.capacities, cfg.policies = [2], ["lru", "belady"]
     cfg.schedulers = _domains(schedulers) or cfg.schedulers
@@ -364,7 +368,7 @@ def _parent_on_engine(moe, dense: Optional[str], dtype):
 
 
 def _bench_sweep(model: Path, out: Path, quick: bool, schedulers: Optional[str], requests: Optional[int], corpus: str,
-                 dense: Optional[str], engine, dtype) -> None:
+                 dense: Optional[str], engine, dtype, rounds: int = 3) -> None:
     from . import backbone, report
     from .corpus import Corpus
     from .modeling import load_readme
@@ -372,7 +376,7 @@ def _bench_sweep(model: Path, out: Path, quick: bool, schedulers: Optional[str],
     from .serving.sweep import SweepConfig, sweep, table, verdicts
 
     cfg = SweepConfig.quick() if quick else SweepConfig()
-    cfg.engine = engine
+    cfg.engine, cfg.rounds = engine, rounds
     cfg.schedulers = _domains(schedulers) or cfg.schedulers
     from .serving.scheduler import make_scheduler
 

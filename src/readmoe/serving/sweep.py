@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import report
 from ..atomic import atomic_write_json, atomic_write_text
-from .bench import goals_markdown, summarize
+from .bench import goals_markdown, median_row, summarize
 from .engine import Engine, EngineConfig
 from .request import SamplingParams
 from .workload import WorkloadConfig, synthetic
@@ -43,6 +43,7 @@ class SweepConfig:
     rates: list[float] = field(default_factory=lambda: list(FULL_RATES))  # multiples of the saturating rate
     workload: WorkloadConfig = field(default_factory=lambda: WorkloadConfig(requests=32))
     engine: EngineConfig = field(default_factory=EngineConfig)  # the base every run starts from
+    rounds: int = 3  # the all-resident cells (and the dense parent) repeat interleaved; the report keeps medians
 
     @classmethod
     def quick(cls) -> "SweepConfig":
@@ -79,12 +80,14 @@ def sweep(moe, checkpoint: Path, tok, corpus, dense, cfg: SweepConfig, out: Path
     sat = saturating_rate(moe, checkpoint, wl, cfg.engine)
     plan = []  # (rate factor, model label, scheduler, memory, prefetch override)
     for f in cfg.rates:  # rate outermost: the variants of one rate run back to back (drift hits them alike)
-        plan += [(f, "moe", s, m, None) for m in cfg.memory for s in cfg.schedulers]
+        # all resident, the schedulers differ by less than one run's noise: interleaved rounds, medians kept
+        res = [(f, "moe", s, "resident", None) for s in cfg.schedulers if "resident" in cfg.memory]
+        res += [(f, "dense", "decode-first", "resident", None)] if dense is not None else []
+        plan += res * cfg.rounds
+        plan += [(f, "moe", s, m, None) for m in cfg.memory if m != "resident" for s in cfg.schedulers]
         if "cap2-link" in cfg.memory and DEFAULT in cfg.schedulers:
             plan.append((f, "moe", DEFAULT, "cap2-link", False))  # on-demand loading, against auto's choice
-        if dense is not None:
-            plan.append((f, "dense", "decode-first", "resident", None))
-    runs = []
+    rows: dict[str, list[dict]] = {}
     for f, label, s, m, pf in tqdm(plan, desc="bench serve --sweep", disable=not progress):
         ec = replace(cfg.engine, scheduler=s, **MEMORY[m])
         if pf is not None:
@@ -92,10 +95,11 @@ def sweep(moe, checkpoint: Path, tok, corpus, dense, cfg: SweepConfig, out: Path
         name = f"{label}.{s}.{m}" + (".ondemand" if pf is False else "") + f"@{f:g}x"
         row = serve(moe if label == "moe" else dense, checkpoint if label == "moe" else None, ec, _scaled(wl, f * sat), name)
         row.update(model=label, memory=m, rate_factor=f, rate=f * sat, ondemand=pf is False)
-        runs.append(row)
+        rows.setdefault(name, []).append(row)
+    runs = [median_row(rs) for rs in rows.values()]
     data = {"saturating_rate": sat, "runs": runs,
             "settings": {"requests": len(wl), "workload": asdict(cfg.workload), "engine": asdict(cfg.engine),
-                         "schedulers": cfg.schedulers, "memory": cfg.memory, "rates": cfg.rates},
+                         "schedulers": cfg.schedulers, "memory": cfg.memory, "rates": cfg.rates, "rounds": cfg.rounds},
             "seconds": round(time.time() - t0, 1)}
     data["goals"] = goals(data)
     atomic_write_json(out / "report.json", data)
@@ -197,7 +201,9 @@ def write_markdown(data: dict, path: Path) -> None:
           f"{data['saturating_rate']:.2f} req/s (the default engine with every request queued at once); rates "
           f"{', '.join(f'{f:g}x' for f in s['rates'])}. Engine defaults: token budget {e['token_budget']}, at most "
           f"{e['max_running']} running, cache policy {e['policy']}, prefetch {e['prefetch']}. Latency on the engine's "
-          f"clock; {data['seconds']:.0f} s in all.\n\n" + report.markdown_table(h, rows)
+          f"clock; {data['seconds']:.0f} s in all."
+          + (f" All-resident rows (and the dense parent): medians of {s['rounds']} interleaved rounds."
+             if s.get("rounds", 1) > 1 else "") + "\n\n" + report.markdown_table(h, rows)
           + goals_markdown(verdicts(data["goals"]))
           + "\n```json\n" + json.dumps(data["goals"], indent=1) + "\n```\n\n"
           + "".join(f"![{m}](latency_{m}.png)\n" for m in s["memory"]) + "![throughput](throughput.png)\n")
