@@ -37,7 +37,7 @@ bench: install
 	$(BIN)/python benchmarks/forward.py --out runs/bench
 	$(BIN)/readmoe bench serve --model runs/demo/model --out runs/serve --requests 32 --rate 4 --token-budget 8 --max-running 16 --link-gbps 2
 
-# The serving benchmarks at the engine's defaults (make demo first), about 13 minutes: the quick matrix (cache
+# The serving benchmarks at the engine's defaults (make demo first), about 15 minutes: the quick matrix (cache
 # policies, batch-1 step) and the quick 3-rate load sweep; each prints issue 10's goals as met or missed.
 bench-quick: install
 	$(BIN)/readmoe bench serve --model runs/demo/model --quick --out runs/serve-quick
