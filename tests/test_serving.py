@@ -488,3 +488,38 @@ def test_packed_bf16_weights_compute_what_plain_weights_do(served, monkeypatch):
         assert eng.packed and eng.cache.store.bytes_loaded == 0
         eng.generate([prompts[0]], SamplingParams(max_tokens=3))
         assert all(isinstance(w, torch.Tensor) for res in eng.cache.resident for ws in res.values() for w in ws)
+
+
+def test_resident_expert_aware_schedules_what_decode_first_does(served, monkeypatch):
+    """With every expert resident and step times shaped like this CPU's (large fixed cost, small per-expert cost),
+    the cost-aware default runs the same tokens in every step as decode-first, at light load and overloaded: the
+    engine is replayed on a deterministic clock, so any difference would be the scheduler's, not noise."""
+    from readmoe.serving import engine as engine_mod
+
+    class Clock:  # time advances only by the modelled cost of each step
+        t = 0.0
+
+        def perf_counter(self):
+            return self.t
+
+    moe, _ = served
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, 250) for _ in range(rng.randrange(3, 40))] for _ in range(12)]
+    for gap in (0.5, 0.05, 0.0):  # light load, saturation, every request at once
+        steps = {}
+        for sched in ("decode-first", "expert-aware"):
+            clock = Clock()
+            monkeypatch.setattr(engine_mod, "time", clock)
+            with Engine(moe, EngineConfig(scheduler=sched, token_budget=32, max_running=6)) as eng:
+                real = eng.runner.step
+
+                def step(segs, real=real, clock=clock):
+                    out = real(segs)
+                    clock.t += 0.075 + 0.002 * sum(len(s.tokens) for s in segs) + 0.0016 * len(
+                        {e for s in segs for e in s.experts})
+                    return out
+
+                eng.runner.step = step
+                eng.run([(i * gap, p, SamplingParams(max_tokens=8, ignore_eos=True)) for i, p in enumerate(prompts)])
+                steps[sched] = [(s.tokens, s.experts) for s in eng.stats.steps]
+        assert steps["expert-aware"] == steps["decode-first"] and len(steps["decode-first"]) > 12
