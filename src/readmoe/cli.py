@@ -506,7 +506,8 @@ def serve(
         check_supported(engine.moe, serving=True)
     name = served_model_name or (f"{model.resolve().name}-dense" if dense else model.resolve().name)
     app_ = build_app(EngineThread(engine, max_queued=max_queued), name, api_key)
-    typer.echo(f"serving {model} as '{name}' in {str(dt).removeprefix('torch.')} on http://{host}:{port}/v1 "
+    packed = ", weights prepacked for oneDNN" if engine.packed else ""
+    typer.echo(f"serving {model} as '{name}' in {str(dt).removeprefix('torch.')}{packed} on http://{host}:{port}/v1 "
                "(metrics at /metrics); Ctrl-C or SIGTERM drains")
     run_server(app_, host, port, drain_timeout)
     typer.echo("drained; bye")
