@@ -38,8 +38,8 @@ class EngineConfig:
     max_wait: int = 8  # aging bound, in steps
     capacity: int | None = None  # resident routed experts per layer; None: all of them, loaded before the run
     policy: Policy = "belady"
-    prefetch: bool | Literal["auto"] = "auto"  # "auto": off on shared CPU cores; where a copy can overlap compute (a GPU, a
-    # link), on while measured faster than loading on demand (PrefetchSwitch)
+    prefetch: bool | Literal["auto"] = "auto"  # "auto": off on shared CPU cores, on behind a link (its copy engine needs
+    # no core), on a GPU kept on while measured faster than loading on demand (PrefetchSwitch)
     store: Store = "disk"  # "disk" (the checkpoint's safetensors) or "host"; host when no checkpoint is given
     lookahead: int = 16  # scheduler steps simulated for belady
     prefetch_depth: int = 2  # layers loaded ahead of the one computing
