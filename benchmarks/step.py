@@ -41,6 +41,11 @@ def decode_ms(model, checkpoint, batch: int, context: int, tokens: int, vocab: i
     return 1000 * statistics.median(times)
 
 
+def torch_dtype(spec: str) -> torch.dtype:
+    """`bfloat16:plain` -> torch.bfloat16."""
+    return getattr(torch, spec.split(":")[0])
+
+
 def ratio(num: list[float], den: list[float]) -> dict:
     r = [a / b for a, b in zip(num, den)]
     return {"median": statistics.median(r), "min": min(r), "max": max(r)}
@@ -59,9 +64,10 @@ def main() -> None:
     dtypes = a.dtypes.split(",")
     models = {}
     for dt in dtypes:
-        torch_dt = getattr(torch, dt.split(":")[0])
-        if torch_dt in {getattr(torch, d.split(":")[0]) for d in models}:  # same weights, other engine settings
-            models[dt] = next(v for d, v in models.items() if getattr(torch, d.split(":")[0]) == torch_dt)
+        torch_dt = torch_dtype(dt)
+        same = [v for d, v in models.items() if torch_dtype(d) == torch_dt]
+        if same:  # same weights, other engine settings
+            models[dt] = same[0]
             continue
         moe, _ = load_readme(a.model, torch_dt)
         models[dt] = {"moe": (moe, a.model), "dense": (dense_on_engine(load_dense(moe.config.parent_model,

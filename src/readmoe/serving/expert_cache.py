@@ -279,7 +279,7 @@ class ExpertCache:
         """The expert's weights, loading it if needed (a miss); `keep` are the experts this step still needs
         (this one first)."""
         self.clock += 1
-        self._upcoming = list(keep)[1:]
+        self._upcoming = rest = list(keep)[1:]
         res = self.resident[layer]
         if expert in self.prefetched[layer]:  # a miss whose load started early: counts as a miss
             self.prefetched[layer].discard(expert)
@@ -301,7 +301,6 @@ class ExpertCache:
                 ws = ws.ws
             self.wait_s += time.perf_counter() - t
             res[expert] = ws
-        rest = list(keep)[1:]
         if self.enabled and rest and rest[0] not in res and len(res) >= self.capacity:
             # The step needs more experts than fit and `prefetch` stopped at capacity: start the next one's load
             # now, over this expert (its weights are in the caller's hands) or one not needed, so it overlaps

@@ -29,11 +29,10 @@ AUTO_MEMORY_FRACTION = 0.1  # auto packs when the packed copy is at most this sh
 class PackedLinear:
     """A linear layer's weight (and bias) in oneDNN's blocked layout; call it like `F.linear(x, weight, bias)`."""
 
-    __slots__ = ("weight", "bias", "shape", "nbytes")
+    __slots__ = ("weight", "bias", "shape")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, batch_hint: int = 16):
         self.shape = tuple(weight.shape)
-        self.nbytes = weight.numel() * weight.element_size()
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
         self.bias = None if bias is None else bias.detach()
 
