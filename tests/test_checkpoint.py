@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from readmoe import rounding
 from readmoe.carve import NotStreamable, ParentCheckpoint, build_model, carve_streaming, domain_sets
 from readmoe.checkpoint import Checkpoint, ShardWriter
 from readmoe.modeling import is_routed_key
@@ -54,7 +55,7 @@ def _parent(dense, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_streaming_carve_writes_the_in_memory_carve_tensor_for_tensor(dense, tmp_path, dtype):
     parent_dir, sets, scores = _parent(dense, tmp_path)
-    ref = build_model(dense, sets, ["a", "b", "c"], 0.5, "domain", "p", scores=scores).to(dtype)
+    ref = rounding.cast_module(build_model(dense, sets, ["a", "b", "c"], 0.5, "domain", "p", scores=scores), dtype)
     ref.save_pretrained(tmp_path / "ref")
     parent = ParentCheckpoint(parent_dir)
     out = tmp_path / "streamed"

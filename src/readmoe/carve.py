@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from . import backbone
+from . import backbone, rounding
 from .calibrate import Stats
 from .errors import UserError
 from .modeling import ReadMEConfig, ReadMEForCausalLM
@@ -252,11 +252,11 @@ def carve_streaming(parent: ParentCheckpoint, sets: Sets, names: list[str], keep
                if k.startswith("backbone.") and ".mlp." not in k and k[len("backbone."):] not in parent.ckpt]
     if missing:  # checked before anything is written
         raise NotStreamable(f"no tensor '{missing[0]}' in {parent.dir}")
-    cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+    cast = lambda k, t: rounding.cast(t, dtype, k) if t.is_floating_point() else t  # noqa: E731
     writer = ShardWriter(out, max_shard_bytes)
     for l, mm in enumerate(tqdm(model.moe_layers(), desc="carve", unit="layer", disable=not progress)):
         prefix = f"backbone.model.layers.{l}."
-        group = {k: cast(parent.ckpt.read(k[len("backbone."):])) for k in todo if k.startswith(prefix) and ".mlp." not in k}
+        group = {k: cast(k, parent.ckpt.read(k[len("backbone."):])) for k in todo if k.startswith(prefix) and ".mlp." not in k}
         dense_mlp = {f"{p}.{kind}": parent.ckpt.read(parent.mlp_key(l, p, kind))
                      for p in ("gate_proj", "up_proj", "down_proj") for kind in ("weight", "bias")
                      if parent.mlp_key(l, p, kind) in parent.ckpt}
@@ -265,7 +265,7 @@ def carve_streaming(parent: ParentCheckpoint, sets: Sets, names: list[str], keep
             mm.get_submodule(name).neuron_idx.copy_(idx)
             p = f"{prefix}mlp.{name}."
             group[p + "neuron_idx"] = idx.clone()
-            group.update({p + k: cast(t) for k, t in expert_tensors(dense_mlp, idx, down_bias).items()})
+            group.update({p + k: cast(p + k, t) for k, t in expert_tensors(dense_mlp, idx, down_bias).items()})
         writer.add(group)
         del dense_mlp, group
     rest = {}
@@ -274,9 +274,9 @@ def carve_streaming(parent: ParentCheckpoint, sets: Sets, names: list[str], keep
         if k.startswith("backbone.model.layers."):
             continue
         if k.startswith("backbone."):
-            rest[k] = cast(parent.ckpt.read(k[len("backbone."):]))
+            rest[k] = cast(k, parent.ckpt.read(k[len("backbone."):]))
         else:  # the router and the neuron scores: made here, not read
-            rest[k] = cast(state[k].detach())
+            rest[k] = cast(k, state[k].detach())
     writer.add(rest)
     writer.close()
     cfg.dtype, cfg.architectures = dtype, [ReadMEForCausalLM.__name__]

@@ -267,13 +267,34 @@ def load_readme(path: str, dtype: torch.dtype = torch.float32,
 
     try:
         with quiet():
-            model = ReadMEForCausalLM.from_pretrained(str(p), dtype=dtype) if routed else _load_without_routed(p, dtype)
+            if routed:
+                model = ReadMEForCausalLM.from_pretrained(str(p), dtype=dtype)
+                _round_like_the_store(model, p, dtype)
+            else:
+                model = _load_without_routed(p, dtype)
             tok = AutoTokenizer.from_pretrained(str(p))
     except Exception as e:  # noqa: BLE001 - safetensors/json/shape errors all mean a corrupt checkpoint
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"checkpoint '{path}' is corrupt or incomplete: {first}") from None
     model.eval()
     return model, tok
+
+
+def _round_like_the_store(model: ReadMEForCausalLM, path: Path, dtype: torch.dtype) -> None:
+    """Re-cast the fp32 tensors that `from_pretrained` rounded to nearest into bf16/fp16 with `rounding.cast`
+    (stochastic, seeded by name), one tensor at a time: the weights every other reader of the checkpoint gets."""
+    from .checkpoint import Checkpoint
+    from .rounding import cast, stochastic
+
+    params = model.state_dict(keep_vars=True)
+    ckpt = Checkpoint(path)
+    try:
+        for k in ckpt.keys():
+            t = params.get(k)
+            if t is not None and t.dtype == dtype and stochastic(ckpt.dtype(k), dtype):
+                cast(ckpt.read(k), dtype, k, out=t.data)
+    finally:
+        ckpt.close()
 
 
 def _load_without_routed(path: Path, dtype: torch.dtype) -> ReadMEForCausalLM:
@@ -283,6 +304,7 @@ def _load_without_routed(path: Path, dtype: torch.dtype) -> ReadMEForCausalLM:
     from transformers import GenerationConfig
 
     from .checkpoint import Checkpoint
+    from .rounding import cast
 
     config = ReadMEConfig.from_pretrained(str(path))
     with init_empty_weights():  # parameters on meta; buffers (rotary tables, neuron indices) real
@@ -293,7 +315,7 @@ def _load_without_routed(path: Path, dtype: torch.dtype) -> ReadMEForCausalLM:
         for k in ckpt.keys():
             if not is_routed_key(k):
                 t = ckpt.read(k)
-                sd[k] = t.to(dtype) if t.is_floating_point() else t
+                sd[k] = cast(t, dtype, k) if t.is_floating_point() else t
     finally:
         ckpt.close()
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)

@@ -29,7 +29,7 @@ def carve_and_save(model_spec: str, st, keep: float, out: Path, experts: int | N
     import torch
     from transformers import AutoTokenizer
 
-    from . import backbone, report
+    from . import backbone, report, rounding
     from .carve import (NotStreamable, ParentCheckpoint, build_model, carve_streaming, carve_table, check_stats_match,
                         cluster_sets, dense_params, domain_sets, identity, neuron_scores, param_summary)
     from .checkpoint import is_checkpoint
@@ -68,7 +68,7 @@ def carve_and_save(model_spec: str, st, keep: float, out: Path, experts: int | N
                                       scores=neuron_scores(st), progress=progress)
             else:
                 moe = build_model(dense, sets, names, keep, mode, spec, router_dim, scores=neuron_scores(st))
-                moe = moe.to(dtype) if dtype is not None else moe
+                moe = rounding.cast_module(moe, dtype) if dtype is not None else moe
                 moe.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             table, params = carve_table(moe), param_summary(moe)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import mapped_empty
+from ..rounding import cast
 from .packed_linear import pack as pack_weight
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -144,9 +145,18 @@ class ExpertStore:
         self._ckpt.read(keys[0], gu[:n])
         self._ckpt.read(keys[1], gu[n:])
         d = self._ckpt.read(keys[2], empty(down))
-        if self.device.type == "cpu" and stored != self.dtype:
-            return (mapped_empty(gu.shape, self.dtype).copy_(gu), mapped_empty(d.shape, self.dtype).copy_(d))
-        return gu.to(self.device, self.dtype, non_blocking=True), d.to(self.device, self.dtype, non_blocking=True)
+        if stored == self.dtype:
+            return gu.to(self.device, non_blocking=True), d.to(self.device, non_blocking=True)
+        # cast as the model loader does (rounding.cast: stochastic for fp32 -> bf16/fp16, seeded by the tensor's name)
+        if self.device.type == "cpu":
+            out = mapped_empty
+        else:
+            gu, d = gu.to(self.device, non_blocking=True), d.to(self.device, non_blocking=True)
+            out = lambda shape, dtype: torch.empty(shape, dtype=dtype, device=self.device)  # noqa: E731
+        gw, dw = out(gu.shape, self.dtype), out(d.shape, self.dtype)
+        cast(gu[:n], self.dtype, keys[0], gw[:n])
+        cast(gu[n:], self.dtype, keys[1], gw[n:])
+        return gw, cast(d, self.dtype, keys[2], dw)
 
     def transfer(self, layer: int, expert: int, count: bool = True) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
         """Copy the expert now; returns its weights and when (perf_counter) they have arrived.
