@@ -70,8 +70,9 @@ lock:
 bench-scale: install
 	$(BIN)/python benchmarks/scale.py --shape llama-2-7b --capacity 1,2 --out runs/scale-7b
 
-# Scale-out on Ray Serve (make demo first), about 25 minutes: 2 replicas x 1 CPU with affinity, pow2 and
-# round-robin routing against one replica on 1 CPU, interleaved over 3 rounds; then the 1-8 replica simulation.
+# Scale-out on Ray Serve (make demo first), about 30 minutes: 2 replicas x 1 CPU with affinity, pow2 and
+# round-robin routing against one replica on 1 CPU, interleaved over 3 rounds, Poisson at 0.5x and 0.8x the rate
+# pow2 saturates at; then the 1-8 replica simulation.
 bench-scaleout: install
 	$(BIN)/python benchmarks/scaleout.py --model runs/demo/model --out runs/scaleout
 

@@ -7,9 +7,10 @@ its HTTP side free to use the second CPU, is reported beside it. The workload is
 embedded corpora (greedy, EOS ignored), sent by the official `openai` client:
 - burst: every request at once; tokens/s over the makespan is the saturated throughput, and each round's
   2-replica throughput over that round's one-replica run is the scaling;
-- poisson: the same requests at `--rate` (default: 0.75 x the first 2-replica burst's request rate); normalized
-  latency (end-to-end / output tokens), and, from /metrics, the replicas' expert-cache hit ratio and unique
-  experts per engine step.
+- poisson: the same requests at each of `--loads` (default 0.5 and 0.8) times a base rate: the request rate
+  Ray's default routing (pow2) sustained in the first round's burst, or `--rate`. Normalized latency (end-to-end /
+  output tokens), and, from /metrics, the replicas' expert-cache hit ratio and unique experts per engine step.
+  Goals are checked at every load: a light and a heavy one, not one operating point.
 Variants are interleaved over `--repeats` rounds; the report gives medians and their spread. The recorded
 per-request expert sequences then drive `readmoe.cluster.simulate` at 1-8 replicas, for the 5 experts of the
 demo and remapped to 8.
@@ -117,7 +118,9 @@ def phase(srv: Server, reqs, arrivals, replicas: bool) -> dict:
             "results": res}
 
 
-def run_variant(model: Path, name: str, reqs, rate: float | None, out: Path, seed: int) -> dict:
+def run_variant(model: Path, name: str, reqs, base: float | None, loads: list[float], out: Path, seed: int) -> dict:
+    """One server session: a burst, then (2 replicas) a Poisson run at each load x the base rate (default: this
+    burst's request rate)."""
     common = ["--capacity", "2", "--threads", "1"]
     single = name in SINGLE
     args = common + (["--replicas", "2", "--route", name, "--num-cpus", "1"] if not single else [])
@@ -127,16 +130,18 @@ def run_variant(model: Path, name: str, reqs, rate: float | None, out: Path, see
         warm = asyncio.run(send(srv, reqs[:2], [0.0, 0.0]))  # first calls pay imports and page faults
         del warm
         burst = phase(srv, reqs, [0.0] * len(reqs), not single)
-        rate = rate or 0.75 * len(reqs) / burst["makespan_s"]
-        rng = random.Random(seed)
-        t, arrivals = 0.0, []
-        for _ in reqs:
-            t += rng.expovariate(rate)
-            arrivals.append(t)
-        poisson = phase(srv, reqs, arrivals, True) if not single else None
+        base = base or len(reqs) / burst["makespan_s"]
+        poisson = {}
+        for i, load in enumerate(loads if not single else []):
+            rng = random.Random(seed * 100 + i)
+            t, arrivals = 0.0, []
+            for _ in reqs:
+                t += rng.expovariate(load * base)
+                arrivals.append(t)
+            poisson[str(load)] = phase(srv, reqs, arrivals, True)
     finally:
         srv.stop()
-    return {"burst": burst, "poisson": poisson, "rate": rate}
+    return {"burst": burst, "poisson": poisson, "base_rate": base}
 
 
 def median_spread(xs: list[float]) -> dict:
@@ -163,32 +168,41 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=Path("runs/demo/model"))
     ap.add_argument("--out", type=Path, default=Path("runs/scaleout"))
     ap.add_argument("--requests", type=int, default=48)
-    ap.add_argument("--rate", type=float, default=None, help="Poisson rate, requests/s (default: from the first burst)")
+    ap.add_argument("--rate", type=float, default=None,
+                    help="base request rate, requests/s, that --loads scale (default: pow2's first burst)")
+    ap.add_argument("--loads", default="0.5,0.8", help="Poisson rates as fractions of the base rate")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if not (a.model / "config.json").is_file():
         raise SystemExit(f"no model at {a.model}: run `make demo` first, or pass --model DIR")
     a.out.mkdir(parents=True, exist_ok=True)
+    try:
+        loads = [float(x) for x in a.loads.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--loads must be comma-separated numbers, got '{a.loads}'") from None
+    if not loads or any(x <= 0 for x in loads):
+        raise SystemExit("--loads needs at least one fraction > 0")
     reqs = workload(a.model, a.requests, a.seed)
     runs: dict[str, list[dict]] = {v: [] for v in ROUTES + SINGLE}
     rate = a.rate
+    variants = ("pow2",) + tuple(v for v in ROUTES + SINGLE if v != "pow2")  # pow2 first: the base rate is its burst
     for rep in range(a.repeats):
-        order = list(ROUTES + SINGLE)
-        order = order[rep % len(order):] + order[:rep % len(order)]  # rotate, so no variant always goes first
+        order = list(variants[rep % len(variants):] + variants[:rep % len(variants)])  # rotated, so drift spreads
         for v in order:
             print(f"round {rep + 1}/{a.repeats}: {v} ...", flush=True)
-            r = run_variant(a.model, v, reqs, rate, a.out, a.seed + rep)
-            rate = rate or r["rate"]
+            r = run_variant(a.model, v, reqs, rate, loads, a.out, a.seed + rep)
+            rate = rate or r["base_rate"]
             runs[v].append(r)
+    keys = ("mean_norm_ms", "p95_norm_ms", "hit_ratio", "experts_per_step", "top2_share", "tokens_per_s")
     summary = {}
     for v, rs in runs.items():
         s = {"tokens_per_s": median_spread([r["burst"]["tokens_per_s"] for r in rs])}
         if v not in SINGLE:
-            for k in ("mean_norm_ms", "p95_norm_ms", "hit_ratio", "experts_per_step", "top2_share", "tokens_per_s"):
-                s[f"poisson_{k}"] = median_spread([r["poisson"][k] for r in rs])
-            s["decisions"] = rs[-1]["poisson"]["decisions"]
-            s["per_replica"] = rs[-1]["poisson"]["per_replica"]
+            s["poisson"] = {str(x): {k: median_spread([r["poisson"][str(x)][k] for r in rs]) for k in keys}
+                            for x in loads}
+            s["decisions"] = rs[-1]["poisson"][str(loads[-1])]["decisions"]
+            s["per_replica"] = rs[-1]["poisson"][str(loads[-1])]["per_replica"]
         summary[v] = s
     for v in ROUTES:  # the machine drifts between rounds: each round's ratio against its own one-replica run
         for base, key in (("single", "scaling"), ("single-unpinned", "scaling_unpinned")):
@@ -196,20 +210,23 @@ def main() -> None:
                                              for r, one in zip(runs[v], runs[base])])
     outputs = [x["experts"] for x in runs["affinity"][0]["burst"]["results"]]
     sim = simulation(reqs, outputs)
-    med = {v: {k: x["median"] for k, x in s.items() if isinstance(x, dict) and "median" in x} for v, s in summary.items()}
-    aff, p2 = med["affinity"], med["pow2"]
-    goals = [
-        ("affinity hit ratio >= pow2's + 10 points", aff["poisson_hit_ratio"] - p2["poisson_hit_ratio"] >= 0.10,
-         f"{100 * aff['poisson_hit_ratio']:.1f} % vs {100 * p2['poisson_hit_ratio']:.1f} %"),
-        ("affinity mean normalized latency <= pow2's", aff["poisson_mean_norm_ms"] <= p2["poisson_mean_norm_ms"],
-         f"{aff['poisson_mean_norm_ms']:.1f} vs {p2['poisson_mean_norm_ms']:.1f} ms/token"),
-        ("affinity p95 <= 1.05x pow2's", aff["poisson_p95_norm_ms"] <= 1.05 * p2["poisson_p95_norm_ms"],
-         f"{aff['poisson_p95_norm_ms']:.1f} vs {p2['poisson_p95_norm_ms']:.1f} ms/token"),
-        ("2 replicas (affinity, the default) >= 1.6x one replica's tokens/s (1 CPU each)", aff["scaling"] >= 1.6,
-         f"{aff['scaling']:.2f}x, median of the rounds' ratios; "
-         f"{summary['affinity']['scaling']['min']:.2f}-{summary['affinity']['scaling']['max']:.2f}x"),
-    ]
-    report = {"requests": a.requests, "repeats": a.repeats, "rate": rate, "summary": summary, "simulation": sim,
+    goals = []
+    for x in loads:
+        aff, p2 = ({k: m["median"] for k, m in summary[v]["poisson"][str(x)].items()} for v in ("affinity", "pow2"))
+        at = f"load {x} ({x * rate:.2f} req/s)"
+        goals += [
+            (f"{at}: affinity hit ratio >= pow2's + 10 points", aff["hit_ratio"] - p2["hit_ratio"] >= 0.10,
+             f"{100 * aff['hit_ratio']:.1f} % vs {100 * p2['hit_ratio']:.1f} %"),
+            (f"{at}: affinity mean normalized latency <= pow2's", aff["mean_norm_ms"] <= p2["mean_norm_ms"],
+             f"{aff['mean_norm_ms']:.1f} vs {p2['mean_norm_ms']:.1f} ms/token"),
+            (f"{at}: affinity p95 <= 1.05x pow2's", aff["p95_norm_ms"] <= 1.05 * p2["p95_norm_ms"],
+             f"{aff['p95_norm_ms']:.1f} vs {p2['p95_norm_ms']:.1f} ms/token"),
+        ]
+    sc = summary["affinity"]["scaling"]
+    goals.append(("2 replicas (affinity, the default) >= 1.6x one replica's tokens/s (1 CPU each)", sc["median"] >= 1.6,
+                  f"{sc['median']:.2f}x, median of the rounds' ratios; {sc['min']:.2f}-{sc['max']:.2f}x"))
+    report = {"requests": a.requests, "repeats": a.repeats, "base_rate": rate, "loads": loads, "summary": summary,
+              "simulation": sim,
               "goals": [{"goal": g, "met": bool(ok), "measured": m} for g, ok, m in goals],
               "workload": [{k: r[k] for k in ("max_tokens", "prompt_experts")} | {"output_experts": o}
                            for r, o in zip(reqs, outputs)],
@@ -228,22 +245,28 @@ def markdown(rep: dict) -> str:
         return f"{scale * x['median']:.{nd}f} ({scale * x['min']:.{nd}f}-{scale * x['max']:.{nd}f})"
 
     lines = [f"# Scale-out: {rep['requests']} mixed-domain requests, {rep['repeats']} interleaved rounds, "
-             f"Poisson rate {rep['rate']:.2f}/s; medians (min-max)", "",
-             "| route | hit ratio % | experts/step | top-2 expert share % | mean norm. ms/token | p95 norm. ms/token "
-             "| saturated tok/s | × one replica |", "|---|---|---|---|---|---|---|---|"]
+             f"Poisson loads {', '.join(str(x) for x in rep['loads'])} x {rep['base_rate']:.2f} req/s "
+             "(pow2's saturated rate); medians (min-max)", "",
+             "| route | load | hit ratio % | experts/step | top-2 expert share % | mean norm. ms/token | p95 norm. ms/token |",
+             "|---|---|---|---|---|---|---|"]
+    for x in rep["loads"]:
+        for v in ROUTES:
+            q = rep["summary"][v]["poisson"][str(x)]
+            lines.append(f"| {v} | {x} ({x * rep['base_rate']:.2f}/s) | {f(q['hit_ratio'], 100)} | "
+                         f"{f(q['experts_per_step'], nd=2)} | {f(q['top2_share'], 100)} | {f(q['mean_norm_ms'])} | "
+                         f"{f(q['p95_norm_ms'])} |")
+    lines += ["", "| route | saturated tok/s | × one replica |", "|---|---|---|"]
     for v, s in rep["summary"].items():
         if v == "single":
-            lines.append(f"| one replica (1 thread, pinned to 1 CPU) | | | | | | {f(s['tokens_per_s'])} | 1 |")
+            lines.append(f"| one replica (1 thread, pinned to 1 CPU) | {f(s['tokens_per_s'])} | 1 |")
         elif v == "single-unpinned":
-            lines.append(f"| one replica (1 torch thread, its HTTP side free to use the 2nd CPU) | | | | | | "
+            lines.append(f"| one replica (1 torch thread, its HTTP side free to use the 2nd CPU) | "
                          f"{f(s['tokens_per_s'])} | |")
         else:
-            lines.append(f"| {v} | {f(s['poisson_hit_ratio'], 100)} | {f(s['poisson_experts_per_step'], nd=2)} | "
-                         f"{f(s['poisson_top2_share'], 100)} | {f(s['poisson_mean_norm_ms'])} | "
-                         f"{f(s['poisson_p95_norm_ms'])} | {f(s['tokens_per_s'])} | {f(s['scaling'], nd=2)} |")
+            lines.append(f"| {v} | {f(s['tokens_per_s'])} | {f(s['scaling'], nd=2)} |")
     lines += ["", "Against the unpinned one-replica server: " + ", ".join(
         f"{v} {f(rep['summary'][v]['scaling_unpinned'], nd=2)}x" for v in ROUTES)]
-    lines += ["", "Router decisions (last round): " + "; ".join(f"{v}: {rep['summary'][v]['decisions']}"
+    lines += ["", "Router decisions (last round, heaviest load): " + "; ".join(f"{v}: {rep['summary'][v]['decisions']}"
                                                             for v in ROUTES), "",
               "## Simulated hit ratio (capacity 2 per replica, load 0.7)", "",
               "| experts | replicas | " + " | ".join(ROUTES) + " |", "|---|---|" + "---|" * len(ROUTES)]
