@@ -416,12 +416,15 @@ def test_auto_prefetch_on_behind_a_link_measured_on_a_gpu_off_on_cpu_cores(serve
 
 @pytest.mark.parametrize("capacity", [None, 1])
 def test_engine_in_bf16_matches_the_hf_model_in_bf16(served, capacity):
-    """The engine serves a bf16 copy of an fp32 checkpoint (experts read from disk are cast on load): its prompt
-    log-probabilities match the HF model's in bf16 at bf16's tolerance, and greedy decoding runs to length."""
+    """The engine serves a bf16 copy of an fp32 checkpoint (experts read from disk are cast on load, as the model
+    loader casts: rounding.cast_module): its prompt log-probabilities match the HF model's in bf16 at bf16's
+    tolerance, and greedy decoding runs to length."""
     import copy
 
+    from readmoe.rounding import cast_module
+
     moe, d = served
-    bf = copy.deepcopy(moe).to(torch.bfloat16)
+    bf = cast_module(copy.deepcopy(moe), torch.bfloat16)
     with Engine(bf, EngineConfig(capacity=capacity, prefetch=False), checkpoint=d) as eng:
         assert eng.runner.kv.buf.dtype == torch.bfloat16
         reqs = [eng.submit(p, SamplingParams(max_tokens=5, prompt_logprobs=0, ignore_eos=True)) for p in PROMPTS]
