@@ -267,11 +267,7 @@ def load_readme(path: str, dtype: torch.dtype = torch.float32,
 
     try:
         with quiet():
-            if routed:
-                model = ReadMEForCausalLM.from_pretrained(str(p), dtype=dtype)
-                _round_like_the_store(model, p, dtype)
-            else:
-                model = _load_without_routed(p, dtype)
+            model = _load_streamed(p, dtype, routed)
             tok = AutoTokenizer.from_pretrained(str(p))
     except Exception as e:  # noqa: BLE001 - safetensors/json/shape errors all mean a corrupt checkpoint
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
@@ -280,26 +276,10 @@ def load_readme(path: str, dtype: torch.dtype = torch.float32,
     return model, tok
 
 
-def _round_like_the_store(model: ReadMEForCausalLM, path: Path, dtype: torch.dtype) -> None:
-    """Re-cast the fp32 tensors that `from_pretrained` rounded to nearest into bf16/fp16 with `rounding.cast`
-    (stochastic, seeded by name), one tensor at a time: the weights every other reader of the checkpoint gets."""
-    from .checkpoint import Checkpoint
-    from .rounding import cast, stochastic
-
-    params = model.state_dict(keep_vars=True)
-    ckpt = Checkpoint(path)
-    try:
-        for k in ckpt.keys():
-            t = params.get(k)
-            if t is not None and t.dtype == dtype and stochastic(ckpt.dtype(k), dtype):
-                cast(ckpt.read(k), dtype, k, out=t.data)
-    finally:
-        ckpt.close()
-
-
-def _load_without_routed(path: Path, dtype: torch.dtype) -> ReadMEForCausalLM:
-    """The model skeleton on the meta device (accelerate's big-model recipe), then every tensor but the routed
-    experts' read from the checkpoint one at a time, cast, and assigned in place."""
+def _load_streamed(path: Path, dtype: torch.dtype, routed: bool = True) -> ReadMEForCausalLM:
+    """The model skeleton on the meta device (accelerate's big-model recipe), then every tensor read from the
+    checkpoint one at a time, cast by `rounding.cast` (the cast every reader of a checkpoint makes: the engine's
+    expert store too), and assigned in place. `routed=False` leaves the routed experts on the meta device."""
     from accelerate import init_empty_weights
     from transformers import GenerationConfig
 
@@ -307,28 +287,33 @@ def _load_without_routed(path: Path, dtype: torch.dtype) -> ReadMEForCausalLM:
     from .rounding import cast
 
     config = ReadMEConfig.from_pretrained(str(path))
+    config.name_or_path = str(path)  # as from_pretrained records it
     with init_empty_weights():  # parameters on meta; buffers (rotary tables, neuron indices) real
         model = ReadMEForCausalLM(config)
+    skip = (lambda k: False) if routed else is_routed_key
     ckpt = Checkpoint(path)
     try:
         sd = {}
         for k in ckpt.keys():
-            if not is_routed_key(k):
+            if not skip(k):
                 t = ckpt.read(k)
                 sd[k] = cast(t, dtype, k) if t.is_floating_point() else t
     finally:
         ckpt.close()
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    missing = [k for k in missing if not is_routed_key(k) and k not in model.all_tied_weights_keys]
+    missing = [k for k in missing if not skip(k) and k not in model.all_tied_weights_keys]
     if missing or unexpected:
         raise ValueError(f"weights do not line up with the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
-    for m in model.moe_layers():  # still meta, in the serving dtype, so dtype queries agree with the real weights
-        for mod in m.experts.modules():
-            for name, w in mod._parameters.items():
-                if w is not None:
-                    mod._parameters[name] = nn.Parameter(w.to(dtype), requires_grad=False)
-    model.experts_offloaded = True
+    if not routed:
+        for m in model.moe_layers():  # still meta, in the serving dtype, so dtype queries agree with the real weights
+            for mod in m.experts.modules():
+                for name, w in mod._parameters.items():
+                    if w is not None:
+                        mod._parameters[name] = nn.Parameter(w.to(dtype), requires_grad=False)
+        model.experts_offloaded = True
+    for c in (model.config, model.config.text_config):
+        c.dtype = dtype  # as from_pretrained(dtype=...) records it
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(path))
     return model
