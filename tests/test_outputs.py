@@ -134,6 +134,7 @@ NUMERIC = [
     ("calibrate", "--samples"), ("calibrate", "--seq-len"), ("carve", "--keep"), ("generate", "--max-tokens"),
     ("eval", "--seqs"), ("eval", "--seq-len"), ("train", "--rounds"), ("train", "--seq-len"),
     ("bench", "--token-budget"), ("bench", "--max-running"), ("bench", "--max-wait"), ("bench", "--requests"),
+    ("bench", "--rounds"), ("bench", "--link-gbps"),
 ]
 bad_number = st.one_of(st.integers(max_value=0).map(str), st.sampled_from(["", "abc", "1e999x", "--", "NaN?", "½"]))
 bad_path = st.text(alphabet="abcxyz/._-", min_size=1, max_size=12).map(lambda s: f"no-such-{s.strip('/') or 'x'}")

@@ -1,6 +1,7 @@
 """The serving engine on a tiny MoE: schedulers, expert cache policies, parity with generate, cancellation."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,6 +276,27 @@ def test_engine_bad_input(served):
         Engine(moe, EngineConfig(capacity=9), checkpoint=d)
 
 
+
+def test_benchmark_configs_refuse_bad_settings_before_any_run():
+    """The library paths check what the CLI checks: a sweep or bench with a bad setting fails before it serves."""
+    from readmoe.serving.bench import BenchConfig
+    from readmoe.serving.sweep import SweepConfig, sweep
+
+    with pytest.raises(UserError, match="`rounds` must be >= 1"):
+        sweep(None, None, None, None, None, SweepConfig(rounds=0), Path("unused"))
+    for bad, match in ((dict(memory=["ram"]), "unknown memory setting 'ram'"), (dict(rates=[0.0]), "rates"),
+                       (dict(schedulers=["fifo"]), "unknown scheduler")):
+        with pytest.raises(UserError, match=match):
+            SweepConfig(**bad).check()
+    for bad, match in ((dict(rounds=0), "`rounds`"), (dict(link_gbps=0.0), "`link_gbps`"),
+                       (dict(policies=["fifo"]), "unknown `policy`"), (dict(store="tape"), "unknown `store`")):
+        with pytest.raises(UserError, match=match):
+            BenchConfig(**bad).check()
+    with pytest.raises(UserError, match="`capacities` must lie in"):
+        BenchConfig(capacities=[9]).check(num_experts=4)
+    assert BenchConfig(capacities=[9]).check() is not None  # the expert count is not known yet: checked later
+
+
 @pytest.mark.slow
 def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, capsys):
     import json
@@ -465,7 +487,9 @@ def test_packed_bf16_weights_compute_what_plain_weights_do(served, monkeypatch):
     packed, why = resolve_packing("auto", cpu, torch.bfloat16, 2 * 10 ** 8)
     assert packed is False and "available memory" in why
     monkeypatch.undo()
-    bf = copy.deepcopy(moe).to(torch.bfloat16)
+    from readmoe.rounding import cast_module
+
+    bf = cast_module(copy.deepcopy(moe), torch.bfloat16)  # as the loaders cast
     prompts = PROMPTS + [[3, 4] * 9]  # 1 to 18 rows per matmul
     out = {}
     for mode in (False, "auto"):

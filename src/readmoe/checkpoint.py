@@ -46,6 +46,8 @@ def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class TensorFile:
     """One safetensors file: its header parsed once, tensors read on demand without a memory map."""
 
+    _fd = -1  # until the file is open: a header that fails to parse leaves nothing to close
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         with open(self.path, "rb") as f:

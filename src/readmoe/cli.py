@@ -310,19 +310,11 @@ def bench_serve(
     from .corpus import Corpus
     from .modeling import load_readme
     from .serving.bench import BenchConfig, bench
-    from .serving.expert_cache import check_cache
     from .serving.workload import WorkloadConfig
 
     if token_budget < 1 or max_running < 1 or max_wait < 1:
         raise UserError("--token-budget, --max-running and --max-wait must be >= 1")
-    check_cache(store=store)
     n = requests if requests is not None else (16 if quick else 48)
-    if n < 1:
-        raise UserError("--requests must be >= 1")
-    if link_gbps is not None and link_gbps <= 0:
-        raise UserError("--link-gbps must be > 0")
-    if rounds < 1:
-        raise UserError("--rounds must be >= 1")
     if sweep:
         from .serving import EngineConfig
 
@@ -337,6 +329,7 @@ def bench_serve(
     cfg.schedulers = _domains(schedulers) or cfg.schedulers
     cfg.policies = _domains(policies) or cfg.policies
     cfg.capacities = _ints(capacities, "--capacities") or cfg.capacities
+    cfg.check()
     backbone.env_threads()
     dt = _dtype(dtype)
     moe, tok = load_readme(str(model), dt)
@@ -378,14 +371,9 @@ def _bench_sweep(model: Path, out: Path, quick: bool, schedulers: Optional[str],
     cfg = SweepConfig.quick() if quick else SweepConfig()
     cfg.engine, cfg.rounds = engine, rounds
     cfg.schedulers = _domains(schedulers) or cfg.schedulers
-    from .serving.scheduler import make_scheduler
-
-    for s in cfg.schedulers:
-        make_scheduler(s, 1)  # an unknown name fails before any run
     if requests is not None:
-        if requests < 1:
-            raise UserError("--requests must be >= 1")
         cfg.workload.requests = requests
+    cfg.check()
     backbone.env_threads()
     moe, tok = load_readme(str(model), dtype)
     check_supported(moe, serving=True)

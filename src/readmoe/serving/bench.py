@@ -43,6 +43,25 @@ class BenchConfig:
     trace: str | None = None
     rounds: int = 3  # the all-resident runs (schedulers and the dense parent), repeated interleaved: medians
 
+    def check(self, num_experts: int | None = None) -> "BenchConfig":
+        """Fail on a bad setting before any model loads (capacities once the expert count is known)."""
+        if self.token_budget < 1 or self.max_running < 1 or self.max_wait < 1:
+            raise UserError("`token_budget`, `max_running` and `max_wait` must be >= 1")
+        if self.rounds < 1:
+            raise UserError("`rounds` must be >= 1")
+        if self.workload.requests < 1:
+            raise UserError("`requests` must be >= 1")
+        if self.link_gbps is not None and self.link_gbps <= 0:
+            raise UserError("`link_gbps` must be > 0")
+        check_cache(store=self.store)
+        for s in self.schedulers:
+            make_scheduler(s, self.token_budget)  # an unknown name fails here
+        for p in self.policies:
+            check_cache(policy=p)
+        for c in self.capacities or () if num_experts is not None else ():
+            check_cache(c, num_experts=num_experts, name="capacities")
+        return self
+
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
@@ -137,19 +156,12 @@ def run_name(c: EngineConfig) -> str:
 
 
 def bench(moe, checkpoint: Path, tok, corpus, dense_engine_model, cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
-    for s in cfg.schedulers:
-        make_scheduler(s, cfg.token_budget)  # an unknown name fails here, before any run
-    for p in cfg.policies:
-        check_cache(policy=p)
     E = moe.num_experts
-    for c in cfg.capacities or ():
-        check_cache(c, num_experts=E, name="capacities")
+    cfg.check(E)
     out.mkdir(parents=True, exist_ok=True)
     (out / "access").mkdir(exist_ok=True)
     wl = trace(tok, Path(cfg.trace)) if cfg.trace else synthetic(tok, corpus, cfg.workload)
     t0 = time.time()
-    if cfg.rounds < 1:
-        raise UserError("rounds must be >= 1")
     plans = plan(cfg, E)
     dense_ec = EngineConfig(scheduler="decode-first", token_budget=cfg.token_budget, max_running=cfg.max_running,
                             max_wait=cfg.max_wait)

@@ -110,11 +110,13 @@ class Engine:
         mode, self.prefetch_reason = resolve_prefetch(cfg.prefetch, cfg.capacity, cfg.link_gbps, device)
         self.switch = PrefetchSwitch() if mode == "measure" else None
         self.cache = ExpertCache(store, cfg.capacity or moe.num_experts, cfg.policy, prefetch=bool(mode))
-        self.packed, self.pack_reason = resolve_packing(cfg.pack_weights, device, next(moe.parameters()).dtype,
-                                                        StepRunner.packed_bytes(moe))
+        self.runner = StepRunner(moe, self._expert, slots=cfg.max_running, max_len=cfg.max_model_len)
+        r = self.runner
+        self.packed, self.pack_reason = resolve_packing(cfg.pack_weights, r.device, r.dtype, r.packed_bytes())
         if cfg.capacity is None:
             self.cache.warm(pack=self.packed)  # every expert resident: no loads while serving
-        self.runner = StepRunner(moe, self._expert, slots=cfg.max_running, max_len=cfg.max_model_len, pack=self.packed)
+        if self.packed:
+            r.pack()
         if self.cache.can_prefetch:  # layers 0..depth are issued before the step (execute)
             depth = cfg.prefetch_depth
             self.runner.on_layer = lambda l, order: self.cache.prefetch(l + depth, order)

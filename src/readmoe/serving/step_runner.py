@@ -131,14 +131,11 @@ class StepRunner:
         if pack:
             self.pack()
 
-    @staticmethod
-    def packed_bytes(moe) -> int:
-        """What `pack()` adds to memory: a copy of the attention projections, lm_head and the shared expert."""
-        layers = moe.backbone.model.layers
-        mods = [moe.backbone.lm_head] + [p for layer in layers for p in (
-            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-            layer.mlp.shared.gate_proj, layer.mlp.shared.up_proj, layer.mlp.shared.down_proj)]
-        return sum(m.weight.numel() * m.weight.element_size() for m in mods)
+    def packed_bytes(self) -> int:
+        """What `pack()` would add to memory: a copy of every weight it packs, read from the same lists."""
+        ws = [self.lm_head.weight] + [m.weight for ps in self.qkvo for m in ps]
+        ws += [w for w in self.shared_gu + self.shared_down if w is not None]
+        return 0 if self.packed else sum(w.numel() * w.element_size() for w in ws)
 
     @torch.no_grad()
     def pack(self) -> None:

@@ -21,9 +21,11 @@ from tqdm.auto import tqdm
 
 from .. import report
 from ..atomic import atomic_write_json, atomic_write_text
+from ..errors import UserError
 from .bench import goals_markdown, median_row, summarize
 from .engine import Engine, EngineConfig
 from .request import SamplingParams
+from .scheduler import make_scheduler
 from .workload import WorkloadConfig, synthetic
 
 MEMORY = {
@@ -51,6 +53,21 @@ class SweepConfig:
         return cls(schedulers=["decode-first", "expert-aware"], rates=list(QUICK_RATES),
                    workload=WorkloadConfig(requests=16))
 
+    def check(self) -> "SweepConfig":
+        """Fail on a bad setting before any model loads."""
+        if self.rounds < 1:
+            raise UserError("`rounds` must be >= 1")
+        if self.workload.requests < 1:
+            raise UserError("`requests` must be >= 1")
+        if not self.rates or any(r <= 0 for r in self.rates):
+            raise UserError("rates must be one or more multiples > 0 of the saturating rate")
+        bad = [m for m in self.memory if m not in MEMORY]
+        if bad:
+            raise UserError(f"unknown memory setting '{bad[0]}': use {', '.join(MEMORY)}")
+        for s in self.schedulers:
+            make_scheduler(s, 1)  # an unknown name fails here
+        return self
+
 
 def _scaled(wl, factor: float):
     """The same requests with arrival times divided by `factor` (fresh params: requests mutate nothing, but cheap)."""
@@ -74,6 +91,7 @@ def saturating_rate(moe, checkpoint, wl, base: EngineConfig) -> float:
 
 
 def sweep(moe, checkpoint: Path, tok, corpus, dense, cfg: SweepConfig, out: Path, progress: bool = True) -> dict:
+    cfg.check()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     wl = synthetic(tok, corpus, replace(cfg.workload, rate=1.0))
