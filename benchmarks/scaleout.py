@@ -192,8 +192,8 @@ def main() -> None:
     burst = a.burst or 2 * a.requests
     if a.requests < 1 or burst < 1:
         raise SystemExit("--requests and --burst must be >= 1")
-    burst_reqs = workload(a.model, max(a.requests, burst), a.seed)
-    reqs, burst_reqs = burst_reqs[:a.requests], burst_reqs[:burst]
+    pool = workload(a.model, max(a.requests, burst), a.seed)
+    reqs, burst_reqs = pool[:a.requests], pool[:burst]
     runs: dict[str, list[dict]] = {v: [] for v in ROUTES + SINGLE}
     rate = a.rate
     variants = ("pow2",) + tuple(v for v in ROUTES + SINGLE if v != "pow2")  # pow2 first: the base rate is its burst

@@ -276,7 +276,6 @@ def test_engine_bad_input(served):
         Engine(moe, EngineConfig(capacity=9), checkpoint=d)
 
 
-
 def test_benchmark_configs_refuse_bad_settings_before_any_run():
     """The library paths check what the CLI checks: a sweep or bench with a bad setting fails before it serves."""
     from readmoe.serving.bench import BenchConfig
@@ -285,7 +284,8 @@ def test_benchmark_configs_refuse_bad_settings_before_any_run():
     with pytest.raises(UserError, match="`rounds` must be >= 1"):
         sweep(None, None, None, None, None, SweepConfig(rounds=0), Path("unused"))
     for bad, match in ((dict(memory=["ram"]), "unknown memory setting 'ram'"), (dict(rates=[0.0]), "rates"),
-                       (dict(schedulers=["fifo"]), "unknown scheduler")):
+                       (dict(schedulers=["fifo"]), "unknown scheduler"),
+                       (dict(engine=EngineConfig(token_budget=0)), "`token_budget`")):
         with pytest.raises(UserError, match=match):
             SweepConfig(**bad).check()
     for bad, match in ((dict(rounds=0), "`rounds`"), (dict(link_gbps=0.0), "`link_gbps`"),

@@ -312,8 +312,6 @@ def bench_serve(
     from .serving.bench import BenchConfig, bench
     from .serving.workload import WorkloadConfig
 
-    if token_budget < 1 or max_running < 1 or max_wait < 1:
-        raise UserError("--token-budget, --max-running and --max-wait must be >= 1")
     n = requests if requests is not None else (16 if quick else 48)
     if sweep:
         from .serving import EngineConfig

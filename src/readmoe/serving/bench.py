@@ -45,12 +45,7 @@ class BenchConfig:
 
     def check(self, num_experts: int | None = None) -> "BenchConfig":
         """Fail on a bad setting before any model loads (capacities once the expert count is known)."""
-        if self.token_budget < 1 or self.max_running < 1 or self.max_wait < 1:
-            raise UserError("`token_budget`, `max_running` and `max_wait` must be >= 1")
-        if self.rounds < 1:
-            raise UserError("`rounds` must be >= 1")
-        if self.workload.requests < 1:
-            raise UserError("`requests` must be >= 1")
+        check_sizes(self.token_budget, self.max_running, self.max_wait, self.rounds, self.workload.requests)
         if self.link_gbps is not None and self.link_gbps <= 0:
             raise UserError("`link_gbps` must be > 0")
         check_cache(store=self.store)
@@ -58,9 +53,20 @@ class BenchConfig:
             make_scheduler(s, self.token_budget)  # an unknown name fails here
         for p in self.policies:
             check_cache(policy=p)
-        for c in self.capacities or () if num_experts is not None else ():
-            check_cache(c, num_experts=num_experts, name="capacities")
+        if num_experts is not None:
+            for c in self.capacities or ():
+                check_cache(c, num_experts=num_experts, name="capacities")
         return self
+
+
+def check_sizes(token_budget: int, max_running: int, max_wait: int, rounds: int, requests: int) -> None:
+    """The engine sizes and run counts every benchmark (matrix and sweep) takes."""
+    if token_budget < 1 or max_running < 1 or max_wait < 1:
+        raise UserError("`token_budget`, `max_running` and `max_wait` must be >= 1")
+    if rounds < 1:
+        raise UserError("`rounds` must be >= 1")
+    if requests < 1:
+        raise UserError("`requests` must be >= 1")
 
 
 def pct(xs: list[float], q: float) -> float:

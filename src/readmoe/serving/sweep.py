@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .. import report
 from ..atomic import atomic_write_json, atomic_write_text
 from ..errors import UserError
-from .bench import goals_markdown, median_row, summarize
+from .bench import check_sizes, goals_markdown, median_row, summarize
 from .engine import Engine, EngineConfig
 from .request import SamplingParams
 from .scheduler import make_scheduler
@@ -55,10 +55,8 @@ class SweepConfig:
 
     def check(self) -> "SweepConfig":
         """Fail on a bad setting before any model loads."""
-        if self.rounds < 1:
-            raise UserError("`rounds` must be >= 1")
-        if self.workload.requests < 1:
-            raise UserError("`requests` must be >= 1")
+        e = self.engine
+        check_sizes(e.token_budget, e.max_running, e.max_wait, self.rounds, self.workload.requests)
         if not self.rates or any(r <= 0 for r in self.rates):
             raise UserError("rates must be one or more multiples > 0 of the saturating rate")
         bad = [m for m in self.memory if m not in MEMORY]
