@@ -324,6 +324,8 @@ def test_cli_serve_without_a_model_is_one_line(tmp_path, monkeypatch, capsys):
     fails(monkeypatch, capsys, "make demo", "serve")
     fails(monkeypatch, capsys, "--port", "serve", "--model", tmp_path, "--port", "70000")
     fails(monkeypatch, capsys, "--pack-weights", "serve", "--model", tmp_path, "--pack-weights", "always")
+    fails(monkeypatch, capsys, "--merge-experts", "serve", "--model", tmp_path, "--merge-experts", "yes")
+    fails(monkeypatch, capsys, "drop --capacity", "serve", "--model", tmp_path, "--merge-experts", "on", "--capacity", "2")
 
 
 def test_a_failing_step_fails_its_requests_not_the_server(live, client, monkeypatch):

@@ -517,6 +517,61 @@ def test_packed_bf16_weights_compute_what_plain_weights_do(served, monkeypatch):
         assert all(isinstance(w, torch.Tensor) for res in eng.cache.resident for ws in res.values() for w in ws)
 
 
+def test_merged_experts_compute_what_shared_plus_routed_do(served, monkeypatch):
+    """Folding the shared expert into each routed one (auto when every expert is resident) runs a one-expert step's
+    MLP as one merged MLP: the same greedy tokens and prompt log-probabilities as the separate experts, the cache
+    still counts the use, and auto declines with a capacity, an empty expert or too little memory. q, k and v run
+    as one matmul whose stack the attention modules share as views, so the HF model computes what it did."""
+    from readmoe.serving import step_runner
+    from readmoe.serving.step_runner import resolve_merging
+
+    moe, d = served
+    with torch.no_grad():
+        before = moe(torch.tensor([PROMPTS[0]])).logits
+    prompts = PROMPTS + [[3, 4] * 9]
+    out, one_expert = {}, {}
+    for mode in (False, "auto"):
+        with Engine(moe, EngineConfig(merge_experts=mode, scheduler="decode-first"), checkpoint=d) as eng:
+            assert eng.merged is (mode == "auto") and (eng.runner.merged is not None) is eng.merged
+            merged = {id(m[0]) for row in eng.runner.merged or [] for m in row if m}
+            calls = []  # per MLP call: whether it ran a merged expert
+            monkeypatch.setattr(eng.runner, "_gated", lambda x, gu, dn, act, f=eng.runner._gated: calls.append(
+                id(gu) in merged) or f(x, gu, dn, act))
+            reqs = []
+            for batch in [[p] for p in prompts] + [prompts]:  # alone (one expert per step, often), then together
+                reqs += [eng.submit(p, SamplingParams(max_tokens=6, prompt_logprobs=0, ignore_eos=True)) for p in batch]
+                while eng.has_work():
+                    eng.step()
+            out[mode] = [([lp.logprob for lp in r.prompt_logprobs[1:]], r.output_ids) for r in reqs]
+            one_expert[mode] = (sum(calls), eng.cache.hits, [len(s.experts) for s in eng.stats.steps])
+    assert [o for _, o in out["auto"]] == [o for _, o in out[False]]
+    for (a, _), (b, _) in zip(out["auto"], out[False]):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
+    n_merged, hits, experts = one_expert["auto"]
+    layers = len(moe.backbone.model.layers)
+    assert experts == one_expert[False][2] and n_merged == layers * experts.count(1) > 0 and one_expert[False][0] == 0
+    assert hits == one_expert[False][1] > 0
+    # auto's rules, and the errors a user can fix
+    assert resolve_merging("auto", 2, 10)[0] is False and "capacity" in resolve_merging("auto", 2, 10)[1]
+    assert resolve_merging("auto", None, 0) == (False, "auto: no routed expert to merge")
+    monkeypatch.setattr(step_runner, "available_bytes", lambda: 10 ** 6)
+    merged, why = resolve_merging("auto", None, 2 * 10 ** 5)
+    assert merged is False and "available memory" in why
+    with pytest.raises(UserError, match="drop --capacity"):
+        resolve_merging(True, 2, 1)
+    with pytest.raises(UserError, match="auto, on or off"):
+        resolve_merging("yes", None, 1)
+    # q, k, v: one stack, the modules' weights its views, found in place by the next engine
+    attn = moe.backbone.model.layers[0].self_attn
+    with Engine(moe, EngineConfig(), checkpoint=d) as eng:
+        w = eng.runner.qkv[0].weight
+        assert attn.q_proj.weight.data_ptr() == w.data_ptr() and attn.v_proj.weight.data_ptr() == w[-attn.v_proj.weight.shape[0]:].data_ptr()
+        with Engine(moe, EngineConfig(), checkpoint=d) as again:
+            assert again.runner.qkv[0].weight.data_ptr() == w.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(moe(torch.tensor([PROMPTS[0]])).logits, before)
+
+
 def test_resident_expert_aware_schedules_what_decode_first_does(served, monkeypatch):
     """With every expert resident and step times shaped like this CPU's (large fixed cost, small per-expert cost),
     the cost-aware default runs the same tokens in every step as decode-first, at light load and overloaded: the

@@ -401,6 +401,10 @@ def serve(
                                               "GPU or a link, off on CPU cores), on, off"),
     pack_weights: str = typer.Option("auto", help="prepack bf16 weights for oneDNN's CPU kernels: auto (bf16 on CPU "
                                                   "when the packed copy fits in 10 % of free memory), on, off"),
+    merge_experts: str = typer.Option("auto", help="fold the shared expert into each routed one, so a step whose "
+                                                   "tokens use one expert runs 2 matmuls per MLP instead of 4: auto "
+                                                   "(every expert resident and the copies fit in 10 % of free memory), "
+                                                   "on, off"),
     token_budget: int = typer.Option(128, help="tokens per engine step (prompt chunks and decode tokens together)"),
     max_running: int = typer.Option(16, help="requests holding a KV cache at once"),
     max_wait: int = typer.Option(8, help="aging bound: steps a queued token may wait"),
@@ -448,9 +452,14 @@ def serve(
         raise UserError(f"unknown --prefetch '{prefetch}': use auto, on or off")
     if pack_weights not in modes:
         raise UserError(f"unknown --pack-weights '{pack_weights}': use auto, on or off")
+    if merge_experts not in modes:
+        raise UserError(f"unknown --merge-experts '{merge_experts}': use auto, on or off")
+    if merge_experts == "on" and capacity is not None:
+        raise UserError("--merge-experts on needs every expert resident: drop --capacity, or use auto")
     cfg = EngineConfig(scheduler=scheduler, token_budget=token_budget, max_running=max_running, max_wait=max_wait,
                        capacity=capacity, policy=policy, prefetch=modes[prefetch], store=store, link_gbps=link_gbps,
-                       max_model_len=max_model_len, pack_weights=modes[pack_weights])
+                       max_model_len=max_model_len, pack_weights=modes[pack_weights],
+                       merge_experts=modes[merge_experts])
     dt = _dtype(dtype)
     if replicas > 1 or emit_config is not None:
         if dense:
@@ -493,6 +502,7 @@ def serve(
     name = served_model_name or (f"{model.resolve().name}-dense" if dense else model.resolve().name)
     app_ = build_app(EngineThread(engine, max_queued=max_queued), name, api_key)
     packed = ", weights prepacked for oneDNN" if engine.packed else ""
+    packed += ", shared expert merged into each routed one" if engine.merged else ""
     typer.echo(f"serving {model} as '{name}' in {str(dt).removeprefix('torch.')}{packed} on http://{host}:{port}/v1 "
                "(metrics at /metrics); Ctrl-C or SIGTERM drains")
     run_server(app_, host, port, drain_timeout)

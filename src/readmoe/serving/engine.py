@@ -26,7 +26,7 @@ from .cost_model import StepCostModel
 from .packed_linear import PackMode, resolve_packing
 from .prefetch import PrefetchSwitch, resolve_prefetch
 from .scheduler import SchedulerName, SchedulerOutput, age, lookahead, make_scheduler
-from .step_runner import Segment, StepRunner, first_use_order
+from .step_runner import Segment, StepRunner, first_use_order, resolve_merging
 
 
 @dataclass
@@ -46,6 +46,8 @@ class EngineConfig:
     link_gbps: float | None = None  # emulate a host->accelerator link of this bandwidth for expert loads
     pack_weights: PackMode = "auto"  # prepack bf16 weights for oneDNN (packed_linear.py); auto: bf16 on CPU cores,
     # when the packed copy fits in 10 % of the available memory
+    merge_experts: PackMode = "auto"  # the shared expert folded into each routed one, for steps that use one expert
+    # (StepRunner.merge); auto: when every expert is resident and the copies fit in 10 % of the available memory
     max_model_len: int | None = 4096  # KV capacity per request (prompt + output), reserved once per running slot;
     # None: the model's context window. On CPU untouched capacity costs address space, not memory.
 
@@ -113,6 +115,9 @@ class Engine:
         self.runner = StepRunner(moe, self._expert, slots=cfg.max_running, max_len=cfg.max_model_len)
         r = self.runner
         self.packed, self.pack_reason = resolve_packing(cfg.pack_weights, r.device, r.dtype, r.packed_bytes())
+        self.merged, self.merge_reason = resolve_merging(cfg.merge_experts, cfg.capacity, r.merged_bytes(store.nbytes))
+        if self.merged:
+            r.merge(lambda l, e: store.load(l, e, count=False))
         if cfg.capacity is None:
             self.cache.warm(pack=self.packed)  # every expert resident: no loads while serving
         if self.packed:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from ..backbone import check_supported
 from ..moe import add_routed
-from .packed_linear import PackedLinear, linear, pack
+from ..errors import UserError
+from .packed_linear import AUTO_MEMORY_FRACTION, PackedLinear, PackMode, available_bytes, linear, pack
 
 # Linux's flag (Python < 3.12 lacks the constant): map the KV cache without reserving memory for all of it.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
@@ -74,6 +75,47 @@ class KVCache:
         return sum(kv.len for kv in self.used.values()) * self.token_bytes
 
 
+@dataclass(frozen=True)
+class Projection:
+    """A plain linear projection, called like the PackedLinear that `pack()` makes of it."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+@torch.no_grad()
+def stack_rows(mods: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases) of linear layers that read the same input, stacked by rows into one matmul; the
+    modules' own weights become views of the stack, so it costs no memory (it matters at 7B), and a later
+    engine on the same model finds it in place. Biases are stacked only when every layer has one (zeros
+    stand in for a missing one)."""
+    ws = [m.weight for m in mods]
+    if _views_of_one(ws):
+        w = ws[0].as_strided((sum(x.shape[0] for x in ws), ws[0].shape[1]), ws[0].stride())
+    else:
+        w, i = torch.cat(ws), 0
+        for m in mods:
+            n = m.weight.shape[0]
+            m.weight.data = w[i:i + n]
+            i += n
+    bs = [m.bias for m in mods]
+    b = None if all(x is None for x in bs) else torch.cat(
+        [x.detach() if x is not None else m.weight.new_zeros(m.weight.shape[0]) for x, m in zip(bs, mods)])
+    return w, b
+
+
+def _views_of_one(ws: list[torch.Tensor]) -> bool:
+    """Whether row-major weights already lie back to back in one storage, in this order."""
+    for a, b in zip(ws, ws[1:]):
+        if not (a.is_contiguous() and b.is_contiguous() and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()):
+            return False
+    return ws[0].is_contiguous()
+
+
 class SeqKV:
     """One sequence's handle on the KV cache: its slot and how many positions it holds."""
 
@@ -122,46 +164,74 @@ class StepRunner:
         self.dtype, self.device = p.dtype, p.device
         self.pad_rows = self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
         self.kv = KVCache(len(self.layers), slots, self.kv_heads, self.max_len, self.head_dim, self.dtype, self.device)
-        self.shared_gu = [self._stack_shared(layer.mlp.shared) for layer in self.layers]
-        self.shared_down = [layer.mlp.shared.down_proj.weight for layer in self.layers]
-        # The projections the step calls: the modules, or their weights prepacked (packed_linear.py)
-        self.qkvo = [(a.q_proj, a.k_proj, a.v_proj, a.o_proj) for a in (layer.self_attn for layer in self.layers)]
-        self.lm_head = moe.backbone.lm_head
+        shared = [layer.mlp.shared for layer in self.layers]
+        biased = [any(p.bias is not None for p in (sh.gate_proj, sh.up_proj, sh.down_proj)) for sh in shared]
+        # None for an MLP with biases (rare in Llama-style models), which runs as its own module
+        self.shared_gu = [None if b else stack_rows([sh.gate_proj, sh.up_proj])[0] for sh, b in zip(shared, biased)]
+        self.shared_down = [sh.down_proj.weight for sh in shared]
+        # The projections the step calls: q, k and v as one matmul, and o; plain or prepacked (packed_linear.py)
+        attns = [layer.self_attn for layer in self.layers]
+        self.qkv = [Projection(*stack_rows([a.q_proj, a.k_proj, a.v_proj])) for a in attns]
+        self.qkv_sizes = [m.weight.shape[0] for m in (attns[0].q_proj, attns[0].k_proj, attns[0].v_proj)]
+        self.o_proj = [Projection(a.o_proj.weight, a.o_proj.bias) for a in attns]
+        self.lm_head = Projection(moe.backbone.lm_head.weight, moe.backbone.lm_head.bias)
+        self.merged: list[list[tuple | None]] | None = None  # per layer and routed expert: shared + that expert
         self.packed = False
         if pack:
             self.pack()
 
     def packed_bytes(self) -> int:
         """What `pack()` would add to memory: a copy of every weight it packs, read from the same lists."""
-        ws = [self.lm_head.weight] + [m.weight for ps in self.qkvo for m in ps]
+        ws = [p.weight for p in [self.lm_head, *self.qkv, *self.o_proj]]
         ws += [w for w in self.shared_gu + self.shared_down if w is not None]
         return 0 if self.packed else sum(w.numel() * w.element_size() for w in ws)
 
     @torch.no_grad()
     def pack(self) -> None:
-        """Prepack every projection the step runs outside the expert cache (the cache packs its own)."""
-        lin = lambda m: PackedLinear(m.weight, m.bias)  # noqa: E731
-        self.qkvo = [tuple(map(lin, ps)) for ps in self.qkvo]
+        """Prepack every projection the step runs outside the expert cache (the cache packs its own), the merged
+        experts included: the packed copy replaces their plain one."""
+        lin = lambda p: PackedLinear(p.weight, p.bias)  # noqa: E731
+        self.qkv, self.o_proj = [lin(p) for p in self.qkv], [lin(p) for p in self.o_proj]
         self.lm_head = lin(self.lm_head)
         self.shared_gu = [None if gu is None else pack(gu) for gu in self.shared_gu]
         self.shared_down = [pack(d) for d in self.shared_down]
+        if self.merged is not None:
+            self.merged = [[m and (pack(m[0]), pack(m[1])) for m in row] for row in self.merged]
         self.packed = True
 
-    @staticmethod
+    def merged_bytes(self, expert_bytes: dict[tuple[int, int], int]) -> int:
+        """What `merge()` adds to memory: per layer, every non-empty routed expert plus one copy of the shared one
+        each. `expert_bytes[layer, expert]`: a routed expert's bytes (the expert store's `nbytes`)."""
+        total = 0
+        for l, (gu, d) in enumerate(zip(self.shared_gu, self.shared_down)):
+            shared = 0 if gu is None else (gu.numel() + d.numel()) * d.element_size()
+            total += sum(n + shared for (layer, _), n in expert_bytes.items() if layer == l and n)
+        return total
+
     @torch.no_grad()
-    def _stack_shared(sh) -> torch.Tensor | None:
-        """The shared expert's gate and up stacked, as the expert store stacks the routed ones; the module's own
-        weights become views of it, so the stacking costs no memory (it matters at 7B). None for an MLP with
-        biases (rare in Llama-style models), which runs as its own module."""
-        if any(p.bias is not None for p in (sh.gate_proj, sh.up_proj, sh.down_proj)):
-            return None
-        g, u = sh.gate_proj.weight, sh.up_proj.weight
-        gu = getattr(sh, "_stacked_gu", None)  # stacked by an earlier engine on this model, and still its storage
-        if gu is None or gu.data_ptr() != g.data_ptr() or gu[g.shape[0]:].data_ptr() != u.data_ptr():
-            gu = torch.cat([g, u])
-            g.data, u.data = gu[:g.shape[0]], gu[g.shape[0]:]
-            sh._stacked_gu = gu
-        return gu
+    def merge(self, load) -> None:
+        """Fold the shared expert into each routed one (`load(layer, expert)` -> its plain (gate+up, down)).
+
+        A token runs shared + its routed expert, and a SwiGLU MLP is a sum over neurons, so the two are one MLP
+        over the union of their neurons: in a step whose tokens all use one expert (every batch-1 decode step,
+        and the steps expert-aware batching groups), the MLP is 2 matmuls instead of 4. On CPU cores at batch 1
+        a matmul's fixed cost is about as large as reading the shared expert's weights (measured here: the
+        step went from 30 to 25 ms on the demo model). It costs a copy of the shared expert per routed expert,
+        so the engine merges only when every expert is resident and the copies fit (`resolve_merging`)."""
+        if self.packed:
+            raise RuntimeError("merge() before pack(): it concatenates plain weights")
+        self.merged = []
+        for l in range(len(self.layers)):
+            sgu, sd = self.shared_gu[l], self.shared_down[l]
+            row = []
+            for e in range(self.moe.num_experts):
+                gu, d = load(l, e)
+                if sgu is None or not gu.shape[0]:  # a biased MLP, or an empty expert: the plain path
+                    row.append(None)
+                    continue
+                (g0, u0), (g, u) = sgu.chunk(2), gu.chunk(2)
+                row.append((torch.cat([g0, g, u0, u]), torch.cat([sd, d], 1)))
+            self.merged.append(row)
 
     def new_kv(self) -> SeqKV:
         return self.kv.alloc()
@@ -182,6 +252,9 @@ class StepRunner:
     def _mlp(self, l: int, x: torch.Tensor, ids: torch.Tensor, order: list[int]) -> torch.Tensor:
         sh = self.layers[l].mlp.shared
         act = sh.act_fn
+        if len(order) == 1 and self.merged is not None and self.merged[l][order[0]] is not None:
+            self.expert_fn(l, order[0], order)  # the cache records the use
+            return self._gated(x, *self.merged[l][order[0]], act)
         out = sh(x) if self.shared_gu[l] is None else self._gated(x, self.shared_gu[l], self.shared_down[l], act)
 
         def run(e: int, rows: torch.Tensor, rest: list[int]) -> torch.Tensor | None:
@@ -202,23 +275,38 @@ class StepRunner:
         allowed[:, ..., 0] = True  # idle rows attend somewhere harmless; their output is dropped
         for i, sl in zip(dec, slots):
             allowed[sl, ..., :segs[i].kv.len + 1] = True
+        # Aligned: every token is a decode token and token i's sequence holds slot i (always so for a lone request),
+        # so tokens need no gathering into slots, and with one sequence every position is allowed: no mask.
+        aligned = len(dec) == len(segs) and slots == list(range(width))
+        if aligned and width == 1:
+            allowed = None
         dev = self.device
         return (torch.tensor([offs[i] for i in dec], device=dev), torch.tensor(slots, device=dev),
-                torch.tensor([segs[i].kv.len for i in dec], device=dev), allowed.to(dev), width, span)
+                torch.tensor([segs[i].kv.len for i in dec], device=dev),
+                None if allowed is None else allowed.to(dev), width, span, aligned)
 
     def _attend_decode(self, l: int, q, k, v, out, plan) -> None:
         """All one-token segments at once: write their K/V into their slots, then one SDPA over the slots in use.
         The query heads sharing a KV head are laid out as that head's query rows, so no KV is repeated."""
-        rows, slots, pos, allowed, width, span = plan
+        rows, slots, pos, allowed, width, span, aligned = plan
         K, V = self.kv.k(l), self.kv.v(l)
-        K[slots, :, pos] = k[0, :, rows].transpose(0, 1)  # [B, kv_heads, d]
-        V[slots, :, pos] = v[0, :, rows].transpose(0, 1)
         group = self.heads // self.kv_heads
-        qs = q.new_zeros(width, self.heads, self.head_dim)
-        qs[slots] = q[0, :, rows].transpose(0, 1)
-        y = F.scaled_dot_product_attention(qs.view(width, self.kv_heads, group, self.head_dim), K[:width, :, :span],
+        if aligned:
+            K[slots, :, pos] = k[0].transpose(0, 1)  # [B, kv_heads, d]
+            V[slots, :, pos] = v[0].transpose(0, 1)
+            qs = q[0].transpose(0, 1)
+        else:
+            K[slots, :, pos] = k[0, :, rows].transpose(0, 1)
+            V[slots, :, pos] = v[0, :, rows].transpose(0, 1)
+            qs = q.new_zeros(width, self.heads, self.head_dim)
+            qs[slots] = q[0, :, rows].transpose(0, 1)
+        y = F.scaled_dot_product_attention(qs.reshape(width, self.kv_heads, group, self.head_dim), K[:width, :, :span],
                                            V[:width, :, :span], attn_mask=allowed, scale=self.scaling)
-        out[0, :, rows] = y.view(width, self.heads, self.head_dim)[slots].transpose(0, 1)
+        y = y.view(width, self.heads, self.head_dim)
+        if aligned:
+            out[0] = y.transpose(0, 1)
+        else:
+            out[0, :, rows] = y[slots].transpose(0, 1)
 
     def _attend_chunk(self, l: int, seg: Segment, off: int, n: int, q, k, v, out) -> None:
         """One prompt chunk: causal over its own tokens, full view of its sequence's earlier positions."""
@@ -251,11 +339,8 @@ class StepRunner:
             if self.on_layer is not None:
                 self.on_layer(l, order)
             attn = layer.self_attn
-            q_proj, k_proj, v_proj, o_proj = self.qkvo[l]
             x = layer.input_layernorm(h)
-            q = q_proj(x).view(1, N, -1, self.head_dim)
-            k = k_proj(x).view(1, N, -1, self.head_dim)
-            v = v_proj(x).view(1, N, -1, self.head_dim)
+            q, k, v = (t.view(1, N, -1, self.head_dim) for t in self.qkv[l](x).split(self.qkv_sizes, -1))
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [1, heads, N, d]
@@ -265,7 +350,7 @@ class StepRunner:
                 self._attend_decode(l, q, k, v, out, plan)
             for seg, off, n in chunks:
                 self._attend_chunk(l, seg, off, n, q, k, v, out)
-            h = h + o_proj(out.transpose(1, 2).reshape(1, N, -1))
+            h = h + self.o_proj[l](out.transpose(1, 2).reshape(1, N, -1))
             x = layer.post_attention_layernorm(h)[0]
             h = h + self._mlp(l, x, eids, order)[None]
         for s, n in zip(segs, lens):
@@ -276,3 +361,22 @@ class StepRunner:
             if s.all_logits:
                 s.logits = head(h[0, end - n:end])
         return head(h[0, ends - 1])
+
+
+def resolve_merging(mode: PackMode, capacity: int | None, extra_bytes: int) -> tuple[bool, str]:
+    """(merge the shared expert into each routed one?, why) for the engine; `extra_bytes`: `merged_bytes()`."""
+    if mode not in (True, False, "auto"):
+        raise UserError(f"merge_experts must be auto, on or off, not '{mode}'")
+    if mode is True and capacity is not None:
+        raise UserError("merged experts (--merge-experts on) need every expert resident: drop --capacity, or use auto")
+    if mode != "auto":
+        return bool(mode), "set explicitly"
+    if capacity is not None:
+        return False, "auto: experts are loaded on demand (capacity set); a merged copy would double each load"
+    if not extra_bytes:
+        return False, "auto: no routed expert to merge"
+    avail = available_bytes()
+    if extra_bytes > AUTO_MEMORY_FRACTION * avail:
+        return False, (f"auto: the merged copies ({extra_bytes / 2**30:.1f} GiB) are over "
+                       f"{AUTO_MEMORY_FRACTION:.0%} of the available memory ({avail / 2**30:.1f} GiB)")
+    return True, f"auto: every expert resident; the merged copies take {extra_bytes / 2**20:.0f} MiB"
