@@ -518,43 +518,72 @@ def test_packed_bf16_weights_compute_what_plain_weights_do(served, monkeypatch):
 
 
 def test_merged_experts_compute_what_shared_plus_routed_do(served, monkeypatch):
-    """Folding the shared expert into each routed one (auto when every expert is resident) runs a one-expert step's
-    MLP as one merged MLP: the same greedy tokens and prompt log-probabilities as the separate experts, the cache
-    still counts the use, and auto declines with a capacity, an empty expert or too little memory. q, k and v run
-    as one matmul whose stack the attention modules share as views, so the HF model computes what it did."""
-    from readmoe.serving import step_runner
-    from readmoe.serving.step_runner import resolve_merging
+    """Merged experts (auto when every expert is resident): a one-expert step runs shared + its expert as one MLP,
+    a step over several experts runs either grouped by expert or as one masked MLP over all of them, whichever
+    the chooser measured faster. Every way gives the same greedy tokens and prompt log-probabilities as the
+    separate experts, and the cache still counts each use; auto declines with a capacity, an empty expert or
+    too little memory. q, k and v run as one matmul whose stack the attention modules share as views, so the HF
+    model computes what it did."""
+    from readmoe.serving import merged_experts
+    from readmoe.serving.merged_experts import ALL, GROUPED, WayChooser, resolve_merging
 
     moe, d = served
     with torch.no_grad():
         before = moe(torch.tensor([PROMPTS[0]])).logits
     prompts = PROMPTS + [[3, 4] * 9]
-    out, one_expert = {}, {}
-    for mode in (False, "auto"):
+    out, seen = {}, {}
+    for mode, way in ((False, None), ("auto", ALL), ("auto", GROUPED), ("auto", None)):
         with Engine(moe, EngineConfig(merge_experts=mode, scheduler="decode-first"), checkpoint=d) as eng:
             assert eng.merged is (mode == "auto") and (eng.runner.merged is not None) is eng.merged
-            merged = {id(m[0]) for row in eng.runner.merged or [] for m in row if m}
-            calls = []  # per MLP call: whether it ran a merged expert
-            monkeypatch.setattr(eng.runner, "_gated", lambda x, gu, dn, act, f=eng.runner._gated: calls.append(
-                id(gu) in merged) or f(x, gu, dn, act))
+            mg = eng.runner.merged
+            one = {id(m[0]) for row in (mg.one if mg else []) for m in row if m}
+            every = {id(a[0]) for a in (mg.all if mg else []) if a}
+            if way is not None:
+                monkeypatch.setattr(mg.chooser, "choose", lambda rows, k, w=way: w)
+            calls = []  # per MLP call: one merged expert, all of them, or an expert of the grouped path
+            monkeypatch.setattr(eng.runner, "_gated", lambda x, gu, dn, act, mask=None, f=eng.runner._gated: calls.append(
+                "one" if id(gu) in one else "all" if id(gu) in every else "grouped") or f(x, gu, dn, act, mask))
             reqs = []
             for batch in [[p] for p in prompts] + [prompts]:  # alone (one expert per step, often), then together
                 reqs += [eng.submit(p, SamplingParams(max_tokens=6, prompt_logprobs=0, ignore_eos=True)) for p in batch]
                 while eng.has_work():
                     eng.step()
-            out[mode] = [([lp.logprob for lp in r.prompt_logprobs[1:]], r.output_ids) for r in reqs]
-            one_expert[mode] = (sum(calls), eng.cache.hits, [len(s.experts) for s in eng.stats.steps])
-    assert [o for _, o in out["auto"]] == [o for _, o in out[False]]
-    for (a, _), (b, _) in zip(out["auto"], out[False]):
-        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
-    n_merged, hits, experts = one_expert["auto"]
-    layers = len(moe.backbone.model.layers)
-    assert experts == one_expert[False][2] and n_merged == layers * experts.count(1) > 0 and one_expert[False][0] == 0
-    assert hits == one_expert[False][1] > 0
+            key = (mode, way)
+            out[key] = [([lp.logprob for lp in r.prompt_logprobs[1:]], r.output_ids) for r in reqs]
+            seen[key] = (calls, eng.cache.hits, [len(s.experts) for s in eng.stats.steps],
+                         mg.chooser.as_dict() if mg else None)
+    base = (False, None)
+    for key in out:
+        assert [o for _, o in out[key]] == [o for _, o in out[base]], key
+        for (a, _), (b, _) in zip(out[key], out[base]):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
+        assert seen[key][1] == seen[base][1] > 0 and seen[key][2] == seen[base][2]  # hits, experts per step
+    layers, experts = len(moe.backbone.model.layers), seen[base][2]
+    single, several = experts.count(1), sum(k > 1 for k in experts)
+    assert single and several and set(seen[base][0]) == {"grouped"}
+    assert seen["auto", ALL][0].count("one") == seen["auto", GROUPED][0].count("one") == layers * single
+    assert seen["auto", ALL][0].count("all") == layers * several and "grouped" not in seen["auto", ALL][0]
+    assert "all" not in seen["auto", GROUPED][0]
+    timed = seen["auto", None][3]  # the chooser timed the several-expert steps, trying the merged way first
+    assert timed and all(GROUPED in ways for ways in timed.values())
+    # the chooser: both ways first, then the faster, the slower again now and then
+    ch = WayChooser(explore=1, retry=4)
+    picks = []
+    for i in range(8):
+        w = ch.choose(16, 3)
+        picks.append(w)
+        ch.observe(16, 3, w, 1.0 if w == ALL else 2.0)
+    assert picks == [GROUPED, ALL, ALL, GROUPED, ALL, ALL, ALL, GROUPED]
+    assert ch.choose(9, 3) == ALL and ch.key(9, 3) == (16, 3) and ch.as_dict()["16x3"][ALL] == 1000.0
+    for w in (ch.choose(64, 3), ch.choose(64, 3)):  # all loses at 64 rows: never tried at more rows
+        ch.observe(64, 3, w, 3.0 if w == ALL else 2.0)
+    assert [ch.choose(512, 3) for _ in range(5)] == [GROUPED] * 5 and ch.choose(512, 4) == GROUPED
+    ch.observe(512, 4, GROUPED, 2.0)
+    assert ch.choose(512, 4) == ALL  # other experts: no evidence against all yet
     # auto's rules, and the errors a user can fix
     assert resolve_merging("auto", 2, 10)[0] is False and "capacity" in resolve_merging("auto", 2, 10)[1]
     assert resolve_merging("auto", None, 0) == (False, "auto: no routed expert to merge")
-    monkeypatch.setattr(step_runner, "available_bytes", lambda: 10 ** 6)
+    monkeypatch.setattr(merged_experts, "available_bytes", lambda: 10 ** 6)
     merged, why = resolve_merging("auto", None, 2 * 10 ** 5)
     assert merged is False and "available memory" in why
     with pytest.raises(UserError, match="drop --capacity"):

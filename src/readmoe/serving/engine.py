@@ -26,7 +26,8 @@ from .cost_model import StepCostModel
 from .packed_linear import PackMode, resolve_packing
 from .prefetch import PrefetchSwitch, resolve_prefetch
 from .scheduler import SchedulerName, SchedulerOutput, age, lookahead, make_scheduler
-from .step_runner import Segment, StepRunner, first_use_order, resolve_merging
+from .merged_experts import resolve_merging
+from .step_runner import Segment, StepRunner, first_use_order
 
 
 @dataclass
@@ -270,6 +271,9 @@ class Engine:
     def update_from_output(self, out: SchedulerOutput, segs: list[Segment], logits: torch.Tensor) -> list[Request]:
         """Record prompt logprobs, sample a token for every request whose prompt is done, stop, free."""
         finished_before = len(self.done)
+        # Greedy tokens of every row in one argmax, in fp32: on CPU cores a bf16 argmax over the vocabulary is
+        # 3x slower than converting first (180 against 58 µs a row here), and the conversion is exact.
+        greedy = logits.float().argmax(-1).tolist()
         for i, (c, seg) in enumerate(zip(out.chunks, segs)):
             r = c.req
             if seg.logits is not None:
@@ -277,7 +281,8 @@ class Engine:
             r.processed += len(seg.tokens)
             if r.pending:  # more prompt to go
                 continue
-            self._emit(r, self._sample(r, logits[i]), logits[i])
+            token = greedy[i] if r.params.temperature < GREEDY_BELOW else self._sample(r, logits[i])
+            self._emit(r, token, logits[i])
         self.running = [r for r in self.running if not r.finished]
         return self.done[finished_before:]
 
@@ -301,9 +306,8 @@ class Engine:
         self.stats.busy_s += dt
 
     def _sample(self, r: Request, logits: torch.Tensor) -> int:
+        """A token drawn at the request's temperature, top-k and top-p (greedy rows are taken in update)."""
         p = r.params
-        if p.temperature < GREEDY_BELOW:
-            return int(logits.argmax())
         logits = logits.float() / p.temperature
         if p.top_k and p.top_k < logits.numel():
             kth = logits.topk(p.top_k).values[-1]

@@ -16,6 +16,7 @@ import itertools
 import math
 import mmap
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +24,8 @@ import torch.nn.functional as F
 
 from ..backbone import check_supported
 from ..moe import add_routed
-from ..errors import UserError
-from .packed_linear import AUTO_MEMORY_FRACTION, PackedLinear, PackMode, available_bytes, linear, pack
+from .merged_experts import ALL, GROUPED, MergedExperts
+from .packed_linear import PackedLinear, linear, pack
 
 # Linux's flag (Python < 3.12 lacks the constant): map the KV cache without reserving memory for all of it.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
@@ -175,7 +176,8 @@ class StepRunner:
         self.qkv_sizes = [m.weight.shape[0] for m in (attns[0].q_proj, attns[0].k_proj, attns[0].v_proj)]
         self.o_proj = [Projection(a.o_proj.weight, a.o_proj.bias) for a in attns]
         self.lm_head = Projection(moe.backbone.lm_head.weight, moe.backbone.lm_head.bias)
-        self.merged: list[list[tuple | None]] | None = None  # per layer and routed expert: shared + that expert
+        self.merged: MergedExperts | None = None
+        self._way = GROUPED  # this step's MLP with several experts: grouped by expert, or all experts merged
         self.packed = False
         if pack:
             self.pack()
@@ -196,48 +198,26 @@ class StepRunner:
         self.shared_gu = [None if gu is None else pack(gu) for gu in self.shared_gu]
         self.shared_down = [pack(d) for d in self.shared_down]
         if self.merged is not None:
-            self.merged = [[m and (pack(m[0]), pack(m[1])) for m in row] for row in self.merged]
+            self.merged.pack()
         self.packed = True
 
     def merged_bytes(self, expert_bytes: dict[tuple[int, int], int]) -> int:
-        """What `merge()` adds to memory: per layer, every non-empty routed expert plus one copy of the shared one
-        each. `expert_bytes[layer, expert]`: a routed expert's bytes (the expert store's `nbytes`)."""
-        total = 0
-        for l, (gu, d) in enumerate(zip(self.shared_gu, self.shared_down)):
-            shared = 0 if gu is None else (gu.numel() + d.numel()) * d.element_size()
-            total += sum(n + shared for (layer, _), n in expert_bytes.items() if layer == l and n)
-        return total
+        """What `merge()` adds to memory (merged_experts.py); `expert_bytes`: the expert store's `nbytes`."""
+        return MergedExperts.nbytes(self.shared_gu, self.shared_down, expert_bytes)
 
     @torch.no_grad()
     def merge(self, load) -> None:
-        """Fold the shared expert into each routed one (`load(layer, expert)` -> its plain (gate+up, down)).
-
-        A token runs shared + its routed expert, and a SwiGLU MLP is a sum over neurons, so the two are one MLP
-        over the union of their neurons: in a step whose tokens all use one expert (every batch-1 decode step,
-        and the steps expert-aware batching groups), the MLP is 2 matmuls instead of 4. On CPU cores at batch 1
-        a matmul's fixed cost is about as large as reading the shared expert's weights (measured here: the
-        step went from 30 to 25 ms on the demo model). It costs a copy of the shared expert per routed expert,
-        so the engine merges only when every expert is resident and the copies fit (`resolve_merging`)."""
+        """Build the merged experts (merged_experts.py) from `load(layer, expert)` -> plain (gate+up, down)."""
         if self.packed:
             raise RuntimeError("merge() before pack(): it concatenates plain weights")
-        self.merged = []
-        for l in range(len(self.layers)):
-            sgu, sd = self.shared_gu[l], self.shared_down[l]
-            row = []
-            for e in range(self.moe.num_experts):
-                gu, d = load(l, e)
-                if sgu is None or not gu.shape[0]:  # a biased MLP, or an empty expert: the plain path
-                    row.append(None)
-                    continue
-                (g0, u0), (g, u) = sgu.chunk(2), gu.chunk(2)
-                row.append((torch.cat([g0, g, u0, u]), torch.cat([sd, d], 1)))
-            self.merged.append(row)
+        self.merged = MergedExperts(self.shared_gu, self.shared_down, load, self.moe.num_experts)
 
     def new_kv(self) -> SeqKV:
         return self.kv.alloc()
 
-    def _gated(self, x: torch.Tensor, gu: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
-        """down(act(gate x) * up x) with gate and up in one matmul.
+    def _gated(self, x: torch.Tensor, gu, down, act, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """down(act(gate x) * up x) with gate and up in one matmul; `mask` [rows, neurons] zeroes each row's
+        neurons outside its experts (the all-experts merged MLP).
 
         On a CPU, bf16 matmuls run JIT-compiled oneDNN kernels, one per (rows, columns) shape, and the MoE
         produces many shapes (a row count per expert group times an expert size per layer): past oneDNN's
@@ -245,16 +225,25 @@ class StepRunner:
         the rows to a power of two keeps the shapes few; rows are independent, so the padding is dropped."""
         m = x.shape[0]
         if self.pad_rows and m & (m - 1):
-            x = F.pad(x, (0, 0, 0, (1 << (m - 1).bit_length()) - m))
+            pad = (0, 0, 0, (1 << (m - 1).bit_length()) - m)
+            x = F.pad(x, pad)
+            mask = None if mask is None else F.pad(mask, pad)
         g, u = linear(x, gu).chunk(2, -1)
-        return linear(act(g) * u, down)[:m]
+        h = act(g) * u
+        return linear(h if mask is None else h * mask, down)[:m]
 
     def _mlp(self, l: int, x: torch.Tensor, ids: torch.Tensor, order: list[int]) -> torch.Tensor:
         sh = self.layers[l].mlp.shared
         act = sh.act_fn
-        if len(order) == 1 and self.merged is not None and self.merged[l][order[0]] is not None:
+        mg = self.merged
+        if mg is not None and len(order) == 1 and mg.one[l][order[0]] is not None:
             self.expert_fn(l, order[0], order)  # the cache records the use
-            return self._gated(x, *self.merged[l][order[0]], act)
+            return self._gated(x, *mg.one[l][order[0]], act)
+        if mg is not None and self._way == ALL and mg.all[l] is not None:
+            for j, e in enumerate(order):
+                self.expert_fn(l, e, order[j:])
+            gu, down, mask = mg.all[l]
+            return self._gated(x, gu, down, act, mask[ids])
         out = sh(x) if self.shared_gu[l] is None else self._gated(x, self.shared_gu[l], self.shared_down[l], act)
 
         def run(e: int, rows: torch.Tensor, rest: list[int]) -> torch.Tensor | None:
@@ -335,6 +324,9 @@ class StepRunner:
         h = self.m.embed_tokens(ids)[None]  # [1, N, H]
         cos, sin = self.m.rotary_emb(h, pos[None])
         N = ids.numel()
+        choose = self.merged is not None and len(order) > 1
+        self._way = self.merged.chooser.choose(N, len(order)) if choose else GROUPED
+        mlp_s = 0.0
         for l, layer in enumerate(self.layers):
             if self.on_layer is not None:
                 self.on_layer(l, order)
@@ -352,7 +344,12 @@ class StepRunner:
                 self._attend_chunk(l, seg, off, n, q, k, v, out)
             h = h + self.o_proj[l](out.transpose(1, 2).reshape(1, N, -1))
             x = layer.post_attention_layernorm(h)[0]
-            h = h + self._mlp(l, x, eids, order)[None]
+            t = time.perf_counter()
+            y = self._mlp(l, x, eids, order)
+            mlp_s += time.perf_counter() - t
+            h = h + y[None]
+        if choose:
+            self.merged.chooser.observe(N, len(order), self._way, mlp_s)
         for s, n in zip(segs, lens):
             s.kv.len += n
         ends = torch.tensor(lens, device=self.device).cumsum(0)
@@ -362,21 +359,3 @@ class StepRunner:
                 s.logits = head(h[0, end - n:end])
         return head(h[0, ends - 1])
 
-
-def resolve_merging(mode: PackMode, capacity: int | None, extra_bytes: int) -> tuple[bool, str]:
-    """(merge the shared expert into each routed one?, why) for the engine; `extra_bytes`: `merged_bytes()`."""
-    if mode not in (True, False, "auto"):
-        raise UserError(f"merge_experts must be auto, on or off, not '{mode}'")
-    if mode is True and capacity is not None:
-        raise UserError("merged experts (--merge-experts on) need every expert resident: drop --capacity, or use auto")
-    if mode != "auto":
-        return bool(mode), "set explicitly"
-    if capacity is not None:
-        return False, "auto: experts are loaded on demand (capacity set); a merged copy would double each load"
-    if not extra_bytes:
-        return False, "auto: no routed expert to merge"
-    avail = available_bytes()
-    if extra_bytes > AUTO_MEMORY_FRACTION * avail:
-        return False, (f"auto: the merged copies ({extra_bytes / 2**30:.1f} GiB) are over "
-                       f"{AUTO_MEMORY_FRACTION:.0%} of the available memory ({avail / 2**30:.1f} GiB)")
-    return True, f"auto: every expert resident; the merged copies take {extra_bytes / 2**20:.0f} MiB"
