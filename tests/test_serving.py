@@ -517,6 +517,31 @@ def test_packed_bf16_weights_compute_what_plain_weights_do(served, monkeypatch):
         assert all(isinstance(w, torch.Tensor) for res in eng.cache.resident for ws in res.values() for w in ws)
 
 
+def test_pregate_decodes_many_slots_as_the_router_does_one_sequence(served):
+    """The engine's batched pre-gating (fixed per-slot router KV, one call for every running request's new token)
+    gives the router logits its own forward gives each whole sequence, whatever the slots and lengths."""
+    from readmoe.serving.pregate import PreGate
+
+    moe, _ = served
+    pg = PreGate(moe.router, slots=6, max_len=64)
+    seqs = {4: [5, 9, 13, 200, 7], 1: [100, 101], 2: [40] * 9}  # slot -> prompt; slots 0, 3 and 5 idle
+    for slot, ids in seqs.items():
+        experts, cache = pg.prompt(ids)
+        with torch.no_grad():
+            assert experts == moe.router(torch.tensor([ids]))[0][0].argmax(-1).tolist()
+        pg.admit(slot, cache)
+    for step in range(3):
+        slots = [4, 1, 2] if step != 1 else [2, 4]  # any order, any subset
+        toks = [(7 * s + 3 * step) % 250 for s in slots]
+        got = pg.decode(slots, toks)
+        for j, (s, t) in enumerate(zip(slots, toks)):
+            seqs[s] = seqs[s] + [t]
+            with torch.no_grad():
+                want = moe.router(torch.tensor([seqs[s]]))[0][0, -1]
+            torch.testing.assert_close(got[j], want, atol=1e-5, rtol=1e-5)
+    assert pg.lens[4] == len(seqs[4]) and pg.lens[0] == 0
+
+
 def test_merged_experts_compute_what_shared_plus_routed_do(served, monkeypatch):
     """Merged experts (auto when every expert is resident): a one-expert step runs shared + its expert as one MLP,
     a step over several experts runs either grouped by expert or as one masked MLP over all of them, whichever

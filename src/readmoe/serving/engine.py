@@ -27,6 +27,7 @@ from .packed_linear import PackMode, resolve_packing
 from .prefetch import PrefetchSwitch, resolve_prefetch
 from .scheduler import SchedulerName, SchedulerOutput, age, lookahead, make_scheduler
 from .merged_experts import resolve_merging
+from .pregate import PreGate
 from .step_runner import Segment, StepRunner, first_use_order
 
 
@@ -115,6 +116,7 @@ class Engine:
         self.cache = ExpertCache(store, cfg.capacity or moe.num_experts, cfg.policy, prefetch=bool(mode))
         self.runner = StepRunner(moe, self._expert, slots=cfg.max_running, max_len=cfg.max_model_len)
         r = self.runner
+        self.pregate = PreGate(moe.router, cfg.max_running, r.max_len)
         self.packed, self.pack_reason = resolve_packing(cfg.pack_weights, r.device, r.dtype, r.packed_bytes())
         self.merged, self.merge_reason = resolve_merging(cfg.merge_experts, cfg.capacity, r.merged_bytes(store.nbytes))
         if self.merged:
@@ -171,10 +173,9 @@ class Engine:
         if params.temperature >= GREEDY_BELOW:
             r.generator = torch.Generator().manual_seed(params.seed)
         t = time.perf_counter()
-        with torch.no_grad():  # pre-gate the whole prompt on arrival
-            logits, r.router_cache = self.moe.router(torch.tensor([r.prompt_ids]), None, None)
+        experts, r.router_cache = self.pregate.prompt(r.prompt_ids)  # the whole prompt, on arrival
         self._router_time(time.perf_counter() - t)
-        r.pending, r.pending_experts = list(r.prompt_ids), logits[0].argmax(-1).tolist()
+        r.pending, r.pending_experts = list(r.prompt_ids), experts
         self.waiting.append(r)
         return r
 
@@ -246,6 +247,8 @@ class Engine:
         while self.waiting and len(self.running) < self.cfg.max_running:
             r = self.waiting.pop(0)
             r.kv, r.status = self.runner.new_kv(), RequestStatus.RUNNING
+            self.pregate.admit(r.kv.slot, r.router_cache)
+            r.router_cache = None
             self.running.append(r)
         return SchedulerOutput(self.sched.schedule(self.running))
 
@@ -274,6 +277,7 @@ class Engine:
         # Greedy tokens of every row in one argmax, in fp32: on CPU cores a bf16 argmax over the vocabulary is
         # 3x slower than converting first (180 against 58 µs a row here), and the conversion is exact.
         greedy = logits.float().argmax(-1).tolist()
+        emitted = []
         for i, (c, seg) in enumerate(zip(out.chunks, segs)):
             r = c.req
             if seg.logits is not None:
@@ -283,6 +287,14 @@ class Engine:
                 continue
             token = greedy[i] if r.params.temperature < GREEDY_BELOW else self._sample(r, logits[i])
             self._emit(r, token, logits[i])
+            emitted.append(r)
+        if emitted:  # pre-gate every new token at once, then stop or queue each
+            t = time.perf_counter()
+            experts = self.pregate.decode([r.kv.slot for r in emitted], [r.output_ids[-1] for r in emitted]).argmax(-1).tolist()
+            self._router_time(time.perf_counter() - t)
+            for r, e in zip(emitted, experts):
+                r.output_experts.append(e)
+                self._stop_or_queue(r)
         self.running = [r for r in self.running if not r.finished]
         return self.done[finished_before:]
 
@@ -345,11 +357,10 @@ class Engine:
         p = r.params
         if p.logprobs is not None:
             r.output_logprobs.append(self._logprob(torch.log_softmax(logits.float(), -1), token, p.logprobs))
-        t = time.perf_counter()
-        with torch.no_grad():  # pre-gate the new token at once
-            rl, r.router_cache = self.moe.router(torch.tensor([[token]]), None, r.router_cache)
-        self._router_time(time.perf_counter() - t)
-        r.output_experts.append(int(rl[0, -1].argmax()))
+
+    def _stop_or_queue(self, r: Request) -> None:
+        """After a token and its expert: finish the request if it stops here, else queue the token to run."""
+        p, token = r.params, r.output_ids[-1]
         if token in p.stop_token_ids or (token in self.eos and not p.ignore_eos):
             return self._finish(r, RequestStatus.FINISHED_STOPPED)
         if p.stop and self.tok is not None:
