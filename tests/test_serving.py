@@ -659,3 +659,28 @@ def test_resident_expert_aware_schedules_what_decode_first_does(served, monkeypa
                 eng.run([(i * gap, p, SamplingParams(max_tokens=8, ignore_eos=True)) for i, p in enumerate(prompts)])
                 steps[sched] = [(s.tokens, s.experts) for s in eng.stats.steps]
         assert steps["expert-aware"] == steps["decode-first"] and len(steps["decode-first"]) > 12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_runner_fused_norm_and_rope_are_the_backbones_own_bit_for_bit(served, dtype):
+    """The step runner's three-op RMSNorm and its one rotation of q and k together are chosen on a Llama and give the
+    HF modules' outputs exactly; a norm of another formula (Gemma-3's 1 + weight) keeps its own module."""
+    import copy
+
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from readmoe.rounding import cast_module
+    from readmoe.serving.step_runner import FusedRMSNorm, StepRunner, fused_norm
+
+    moe, _ = served
+    m = cast_module(copy.deepcopy(moe), dtype)
+    r = StepRunner(m, expert_fn=None, slots=2)
+    assert r.rope_qk and all(isinstance(n, FusedRMSNorm) for pair in r.norms for n in pair)
+    layer = m.backbone.model.layers[1]
+    h = (3 * torch.randn(1, 7, m.config.text_config.hidden_size)).to(dtype)
+    with torch.no_grad():
+        for fused, mod in zip(r.norms[1], (layer.input_layernorm, layer.post_attention_layernorm)):
+            assert torch.equal(fused(h), mod(h))
+    gemma = Gemma3RMSNorm(h.shape[-1])
+    gemma.variance_epsilon = 1e-6  # even with Llama's attribute name, the probe sees the other formula
+    assert fused_norm(gemma.to(dtype)) is gemma

@@ -137,6 +137,35 @@ class Segment:
     logits: torch.Tensor | None = None  # [tokens, vocab], set by the step when all_logits
 
 
+class FusedRMSNorm:
+    """HF's Llama RMSNorm (statistics in fp32, cast back, then the weight) in three ops instead of eight: at batch 1
+    a step is mostly per-op overhead, and every layer has two norms."""
+
+    def __init__(self, mod):
+        self.weight, self.eps, self.shape = mod.weight, mod.variance_epsilon, (mod.weight.shape[0],)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
+
+
+@torch.no_grad()
+def fused_norm(mod):
+    """A FusedRMSNorm where it gives `mod`'s output bit for bit on a probe, else `mod` itself (another norm)."""
+    w = getattr(mod, "weight", None)
+    if getattr(mod, "variance_epsilon", None) is None or w is None or w.dim() != 1 or w.is_meta:
+        return mod
+    f = FusedRMSNorm(mod)
+    x = (4 * torch.randn(8, w.shape[0], generator=torch.Generator().manual_seed(0))).to(w.dtype).to(w.device)
+    return f if torch.equal(f(x), mod(x)) else mod
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [1, N, heads, d] (HF's `apply_rotary_pos_emb` with rotate_half), so q and k, which lie
+    side by side in the q/k/v matmul's output, rotate in one pass instead of two."""
+    c, s, half = cos[:, :, None], sin[:, :, None], x.shape[-1] // 2
+    return x * c + torch.cat((-x[..., half:], x[..., :half]), -1) * s
+
+
 def first_use_order(segs: list[Segment]) -> list[int]:
     """The batch's routed experts in the order the MLP visits them (first use in the flat batch)."""
     return list(dict.fromkeys(e for s in segs for e in s.experts))
@@ -176,11 +205,25 @@ class StepRunner:
         self.qkv_sizes = [m.weight.shape[0] for m in (attns[0].q_proj, attns[0].k_proj, attns[0].v_proj)]
         self.o_proj = [Projection(a.o_proj.weight, a.o_proj.bias) for a in attns]
         self.lm_head = Projection(moe.backbone.lm_head.weight, moe.backbone.lm_head.bias)
+        self.norms = [(fused_norm(x.input_layernorm), fused_norm(x.post_attention_layernorm)) for x in self.layers]
+        self.final_norm = fused_norm(m.norm)
+        self.rope_qk = not hasattr(attn, "q_norm") and self._rope_matches()
         self.merged: MergedExperts | None = None
         self._way = GROUPED  # this step's MLP with several experts: grouped by expert, or all experts merged
         self.packed = False
         if pack:
             self.pack()
+
+    @torch.no_grad()
+    def _rope_matches(self) -> bool:
+        """Whether `rope` over q and k together gives the backbone's own rotation bit for bit (a probe)."""
+        g = torch.Generator().manual_seed(0)
+        rnd = lambda *shape: torch.randn(*shape, generator=g).to(self.dtype).to(self.device)  # noqa: E731
+        n, d = 5, self.head_dim
+        qk, cos, sin = rnd(1, n, self.heads + self.kv_heads, d), rnd(1, n, d), rnd(1, n, d)
+        q, k = self.rotate(qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2), cos, sin)
+        both = rope(qk, cos, sin)
+        return torch.equal(both[:, :, :self.heads].transpose(1, 2), q) and torch.equal(both[:, :, self.heads:].transpose(1, 2), k)
 
     def packed_bytes(self) -> int:
         """What `pack()` would add to memory: a copy of every weight it packs, read from the same lists."""
@@ -331,11 +374,18 @@ class StepRunner:
             if self.on_layer is not None:
                 self.on_layer(l, order)
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q, k, v = (t.view(1, N, -1, self.head_dim) for t in self.qkv[l](x).split(self.qkv_sizes, -1))
-            if hasattr(attn, "q_norm"):
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [1, heads, N, d]
+            x = self.norms[l][0](h)
+            qkv = self.qkv[l](x)
+            if self.rope_qk:  # q and k side by side in one rotation
+                nq = self.qkv_sizes[0] + self.qkv_sizes[1]
+                qk = rope(qkv[..., :nq].view(1, N, -1, self.head_dim), cos, sin)
+                q, k = qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2)
+                v = qkv[..., nq:].view(1, N, -1, self.head_dim)
+            else:
+                q, k, v = (t.view(1, N, -1, self.head_dim) for t in qkv.split(self.qkv_sizes, -1))
+                if hasattr(attn, "q_norm"):
+                    q, k = attn.q_norm(q), attn.k_norm(k)
+                q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [1, heads, N, d]
             v = v.transpose(1, 2)
             out = torch.empty(1, self.heads, N, self.head_dim, dtype=q.dtype, device=q.device)
             if plan is not None:
@@ -343,7 +393,7 @@ class StepRunner:
             for seg, off, n in chunks:
                 self._attend_chunk(l, seg, off, n, q, k, v, out)
             h = h + self.o_proj[l](out.transpose(1, 2).reshape(1, N, -1))
-            x = layer.post_attention_layernorm(h)[0]
+            x = self.norms[l][1](h)[0]
             t = time.perf_counter()
             y = self._mlp(l, x, eids, order)
             mlp_s += time.perf_counter() - t
@@ -353,7 +403,7 @@ class StepRunner:
         for s, n in zip(segs, lens):
             s.kv.len += n
         ends = torch.tensor(lens, device=self.device).cumsum(0)
-        head = lambda rows: self.lm_head(self.m.norm(rows))  # noqa: E731
+        head = lambda rows: self.lm_head(self.final_norm(rows))  # noqa: E731
         for s, end, n in zip(segs, ends.tolist(), lens):
             if s.all_logits:
                 s.logits = head(h[0, end - n:end])
