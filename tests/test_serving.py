@@ -684,3 +684,18 @@ def test_step_runner_fused_norm_and_rope_are_the_backbones_own_bit_for_bit(serve
     gemma = Gemma3RMSNorm(h.shape[-1])
     gemma.variance_epsilon = 1e-6  # even with Llama's attribute name, the probe sees the other formula
     assert fused_norm(gemma.to(dtype)) is gemma
+
+
+def test_importing_readmoe_sizes_onednns_kernel_cache_unless_the_user_did():
+    """oneDNN's kernel cache must hold every MoE matmul shape, or bf16 kernels compile again on every call; the
+    setting must be in place at import, before oneDNN makes its first kernel, and a user's own value wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch, readmoe, os; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,  # noqa: E731
+                                   check=True).stdout.strip()
+    assert int(run(env)) >= 8192
+    assert run(env | {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}) == "512"
