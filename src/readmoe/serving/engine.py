@@ -425,4 +425,10 @@ class Engine:
         return fixed + self.cache.resident_bytes()
 
     def close(self) -> None:
+        """Free the engine's copies now: prepacked and merged weights, resident experts, the KV caches. The engine
+        and its parts refer to each other (callbacks), so without this they would wait for Python's cycle
+        collector, and a process that makes engine after engine (a benchmark) grew by about 800 MiB per engine
+        (measured: 16.6 GiB after 15 runs). The engine cannot step after close."""
         self.cache.close()
+        self.runner.release()
+        self.pregate.release()

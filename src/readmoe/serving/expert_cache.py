@@ -346,6 +346,8 @@ class ExpertCache:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
         self.store.close()
+        for res in self.resident:
+            res.clear()
 
 
 def simulate(policy: str, accesses: Sequence[Sequence[int]], capacity: int, lookahead: int | None = None,

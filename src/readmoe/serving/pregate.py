@@ -28,6 +28,10 @@ class PreGate:
         self.lens = [0] * slots
 
     @torch.no_grad()
+    def release(self) -> None:
+        """Drop the router KV cache (Engine.close)."""
+        self.kv = None
+
     def prompt(self, ids: list[int]) -> tuple[list[int], RouterCache]:
         """Experts of a whole prompt, and the router's cache of it (kept by the request until it is admitted)."""
         logits, cache = self.router(torch.tensor([ids], device=self.kv.buf.device), None, None)

@@ -255,6 +255,12 @@ class StepRunner:
             raise RuntimeError("merge() before pack(): it concatenates plain weights")
         self.merged = MergedExperts(self.shared_gu, self.shared_down, load, self.moe.num_experts)
 
+    def release(self) -> None:
+        """Drop the copies this runner made (packed and merged weights) and its KV cache; it cannot step after."""
+        self.merged, self.lm_head, self.kv = None, None, None
+        self.qkv, self.o_proj, self.shared_gu, self.shared_down = [], [], [], []
+        self.expert_fn = self.on_layer = None
+
     def new_kv(self) -> SeqKV:
         return self.kv.alloc()
 
