@@ -527,6 +527,7 @@ def test_pregate_decodes_many_slots_as_the_router_does_one_sequence(served):
     seqs = {4: [5, 9, 13, 200, 7], 1: [100, 101], 2: [40] * 9}  # slot -> prompt; slots 0, 3 and 5 idle
     for slot, ids in seqs.items():
         experts, cache = pg.prompt(ids)
+        assert not any(t.requires_grad for kv in cache for t in kv), "pre-gating builds no autograd graph"
         with torch.no_grad():
             assert experts == moe.router(torch.tensor([ids]))[0][0].argmax(-1).tolist()
         pg.admit(slot, cache)

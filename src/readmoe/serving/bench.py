@@ -182,14 +182,16 @@ def bench(moe, checkpoint: Path, tok, corpus, dense_engine_model, cfg: BenchConf
     # that cost would otherwise land on whichever variant happens to run first.
     warm = [(moe, EngineConfig(token_budget=cfg.token_budget, max_running=cfg.max_running), checkpoint)]
     warm += [(dense_engine_model, dense_ec, None)] if dense_engine_model is not None else []
+    # every run gets its own request lists and params
+    fresh = lambda: [(a, list(ids), SamplingParams(**asdict(p))) for a, ids, p in wl]  # noqa: E731
     for model, ec, ck in warm:
         with Engine(model, ec, checkpoint=ck, eos_token_id=None) as eng:
-            eng.run([(a, list(ids), SamplingParams(**asdict(p))) for a, ids, p in wl])
+            eng.run(fresh())
     rows: dict[str, list[dict]] = {}
     for k, label, ec in tqdm(jobs, desc="bench serve", disable=not progress):
         model = moe if label == "moe" else dense_engine_model
         eng = Engine(model, ec, checkpoint=checkpoint if label == "moe" else None, eos_token_id=None)
-        reqs = eng.run([(a, list(ids), SamplingParams(**asdict(p))) for a, ids, p in wl])
+        reqs = eng.run(fresh())
         name = run_name(ec) if label == "moe" else "dense.decode-first.resident"
         row = summarize(eng, reqs, name)
         if label == "moe":

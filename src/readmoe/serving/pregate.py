@@ -27,11 +27,11 @@ class PreGate:
         self.kv = KVCache(c.n_layers, slots, self.heads, max_len, self.head_dim, p.dtype, p.device)
         self.lens = [0] * slots
 
-    @torch.no_grad()
     def release(self) -> None:
         """Drop the router KV cache (Engine.close)."""
         self.kv = None
 
+    @torch.no_grad()
     def prompt(self, ids: list[int]) -> tuple[list[int], RouterCache]:
         """Experts of a whole prompt, and the router's cache of it (kept by the request until it is admitted)."""
         logits, cache = self.router(torch.tensor([ids], device=self.kv.buf.device), None, None)
