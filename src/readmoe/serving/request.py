@@ -75,6 +75,10 @@ class Request:
         return self.processed < len(self.prompt_ids)
 
     @property
+    def max_tokens(self) -> int:
+        return self.params.max_tokens
+
+    @property
     def finished(self) -> bool:
         return self.status.finished
 

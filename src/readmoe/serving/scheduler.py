@@ -15,7 +15,10 @@ arrival. A scheduler returns chunks: (request, n) takes the request's next n tok
   not yet in the batch is taken only if the step cost model says adding that expert
   now (every request in the batch waits for it) costs less than deferring it by one
   step (every request whose next token needs it waits a step). Where experts are resident and cheap (a CPU) it behaves like
-  decode-first; where they must be loaded over a link it groups hard.
+  decode-first; where they must be loaded over a link it groups hard. Both sides are
+  weighed in normalized latency (latency per output token, the metric serving is judged
+  by): a step of delay costs a request 1/its output length, so a short request is not
+  deferred for a long one (`urgency`).
 
 All obey the aging rule: a request whose head token has waited `max_wait`
 steps is served first, so no token waits longer than that (given at most
@@ -35,6 +38,7 @@ class Queued(Protocol):
     arrival_s: float
     pending_experts: list[int]
     waited: int
+    max_tokens: int
 
     @property
     def in_prefill(self) -> bool: ...
@@ -61,6 +65,12 @@ def age(reqs: Sequence[Queued], ran: set[int]) -> None:
     """The aging rule: a request with queued tokens that did not run waits one step longer."""
     for r in reqs:
         r.waited = 0 if r.rid in ran or not r.pending_experts else r.waited + 1
+
+
+def urgency(r: Queued) -> float:
+    """What one step of delay costs `r` in normalized latency, in steps: 1 / its output length. Without a stop
+    token that is max_tokens; with one the engine cannot know where it falls, so max_tokens stands in."""
+    return 1.0 / max(1, r.max_tokens)
 
 
 def head_run(experts: Sequence[int]) -> int:
@@ -100,7 +110,7 @@ class Scheduler:
         rest = [r for r in ready if r.rid not in taken]
         by_id = {r.rid: r for r in ready}
         self.forced = {e for rid, n in taken.items() for e in by_id[rid].pending_experts[:n]}  # the aged chunks'
-        self.forced_reqs = len(taken)
+        self.forced_urgency = sum(urgency(by_id[rid]) for rid in taken)
         for r, n in self.fill(rest, left):
             taken[r.rid] = n
         return [Chunk(by_id[rid], n) for rid, n in taken.items() if n > 0]
@@ -168,14 +178,15 @@ class ExpertAware(Scheduler):
     def fill(self, reqs, budget):
         batch, out = set(self.forced), []
         size: dict[int, int] = {}  # queued head-run tokens per expert
-        waiting: dict[int, int] = {}  # requests whose next token needs the expert
+        waiting: dict[int, float] = {}  # urgency of the requests whose next token needs the expert
         for r in reqs:
             e = r.pending_experts[0]
             size[e] = size.get(e, 0) + head_run(r.pending_experts)
-            waiting[e] = waiting.get(e, 0) + 1
+            waiting[e] = waiting.get(e, 0.0) + urgency(r)
         if not batch and reqs:  # a step always runs something: seed with the longest queue, as Algorithm 1 does
             batch.add(max(size, key=lambda e: (size[e], -e)))
         defer_s = self.cost.step_s(budget, max(1, len(set(size) | batch)))  # what deferring costs: one more step
+        in_batch = self.forced_urgency  # urgency of the requests already in the batch
         for r in [r for r in reqs if not r.in_prefill] + [r for r in reqs if r.in_prefill]:
             if budget == 0:
                 break
@@ -184,7 +195,7 @@ class ExpertAware(Scheduler):
                 if e not in batch and e not in new:
                     # adding e now makes every request in the batch wait for it; deferring e makes every request
                     # waiting on e wait a step (e's cost is paid later either way)
-                    if self.cost.expert_s(e) * (len(out) + self.forced_reqs) > max(1, waiting.get(e, 0)) * defer_s:
+                    if self.cost.expert_s(e) * in_batch > max(urgency(r), waiting.get(e, 0.0)) * defer_s:
                         break
                     new.add(e)
                 n += 1
@@ -192,6 +203,7 @@ class ExpertAware(Scheduler):
                 out.append((r, n))
                 batch |= new
                 budget -= n
+                in_batch += urgency(r)
         return out
 
 
@@ -218,6 +230,7 @@ class _Sim:
     waited: int
     prompt_left: int
     decode_left: int
+    max_tokens: int
 
     @property
     def in_prefill(self) -> bool:
@@ -246,7 +259,7 @@ def lookahead(sched: Scheduler, reqs: Sequence, steps: int,
             decode_left -= 1  # the step's last token yields an output ...
             if decode_left >= 1:
                 pending = [last_e]  # ... which is queued for the next step
-        sims.append(_Sim(r.rid, r.arrival_s, pending, r.waited, prompt_left, decode_left))
+        sims.append(_Sim(r.rid, r.arrival_s, pending, r.waited, prompt_left, decode_left, r.params.max_tokens))
     out = []
     for _ in range(steps):
         chunks = sched.schedule(sims)
