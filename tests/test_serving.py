@@ -99,19 +99,21 @@ def test_cost_aware_groups_only_when_experts_are_costly():
 def test_cost_aware_weighs_delay_per_output_token():
     """Deferring a 2-token request by a step costs it as much normalized latency as 16 steps cost a 32-token one, so
     a costly expert that a lone short request needs joins a batch of long requests; a request as long as the others
-    waits a step for it."""
+    waits a step for it, and each step it waited makes the next deferral cost more."""
     from readmoe.serving.cost_model import StepCostModel
 
     cost = StepCostModel(fixed=0.05, per_token=0.001, per_expert=0.001)
     cost.load_s = lambda e: 0.0 if e == 0 else 0.05  # expert 0 resident, expert 1 behind the link
 
-    def plan(last_max_tokens):
-        reqs = [Q(i, [0], prefill=False, max_tokens=32) for i in range(3)]
+    def plan(last_max_tokens, waited=0):
+        last = Q(3, [1], prefill=False, max_tokens=last_max_tokens)
+        last.waited = waited
         return [rid for rid, _ in _plan(make_scheduler("expert-aware", 16, 8, cost),
-                                        reqs + [Q(3, [1], prefill=False, max_tokens=last_max_tokens)])]
+                                        [Q(i, [0], prefill=False, max_tokens=32) for i in range(3)] + [last])]
 
     assert plan(32) == [0, 1, 2], "an equally long request waits a step for its expert"
     assert plan(2) == [0, 1, 2, 3], "the short request's expert is loaded now"
+    assert plan(32, waited=2) == [0, 1, 2, 3], "soft aging: two steps held back, it runs, well before the bound of 8"
 
 
 def test_cost_model_fits_its_coefficients():

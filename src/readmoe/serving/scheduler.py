@@ -14,11 +14,12 @@ arrival. A scheduler returns chunks: (request, n) takes the request's next n tok
   decode-first order, each as far as the budget allows, and a token whose expert is
   not yet in the batch is taken only if the step cost model says adding that expert
   now (every request in the batch waits for it) costs less than deferring it by one
-  step (every request whose next token needs it waits a step). Where experts are resident and cheap (a CPU) it behaves like
-  decode-first; where they must be loaded over a link it groups hard. Both sides are
-  weighed in normalized latency (latency per output token, the metric serving is judged
-  by): a step of delay costs a request 1/its output length, so a short request is not
-  deferred for a long one (`urgency`).
+  step (every request whose next token needs it waits a step). Where experts are resident
+  and cheap (a CPU) it behaves like decode-first; where they must be loaded over a link it
+  groups hard. Both sides are weighed in normalized latency (latency per output token, the
+  metric serving is judged by): a step of delay costs a request 1/its output length, so a
+  short request is not deferred for long ones, and more for each step it has already
+  waited (`delay_cost`).
 
 All obey the aging rule: a request whose head token has waited `max_wait`
 steps is served first, so no token waits longer than that (given at most
@@ -67,10 +68,12 @@ def age(reqs: Sequence[Queued], ran: set[int]) -> None:
         r.waited = 0 if r.rid in ran or not r.pending_experts else r.waited + 1
 
 
-def urgency(r: Queued) -> float:
-    """What one step of delay costs `r` in normalized latency, in steps: 1 / its output length. Without a stop
-    token that is max_tokens; with one the engine cannot know where it falls, so max_tokens stands in."""
-    return 1.0 / max(1, r.max_tokens)
+def delay_cost(r: Queued) -> float:
+    """What one more step of delay costs `r`, in steps of normalized latency: 1 / its output length (max_tokens
+    stands in: where a stop token falls is unknown), times 1 + the steps it has already waited. The second factor
+    is a soft aging rule: deferring a token saves nothing if the expert it needs stays out of the batch, so
+    without it a lone request on a costly expert would wait the full aging bound at every token it generates."""
+    return (1 + r.waited) / max(1, r.max_tokens)
 
 
 def head_run(experts: Sequence[int]) -> int:
@@ -110,7 +113,7 @@ class Scheduler:
         rest = [r for r in ready if r.rid not in taken]
         by_id = {r.rid: r for r in ready}
         self.forced = {e for rid, n in taken.items() for e in by_id[rid].pending_experts[:n]}  # the aged chunks'
-        self.forced_urgency = sum(urgency(by_id[rid]) for rid in taken)
+        self.forced_cost = sum(delay_cost(by_id[rid]) for rid in taken)
         for r, n in self.fill(rest, left):
             taken[r.rid] = n
         return [Chunk(by_id[rid], n) for rid, n in taken.items() if n > 0]
@@ -178,15 +181,15 @@ class ExpertAware(Scheduler):
     def fill(self, reqs, budget):
         batch, out = set(self.forced), []
         size: dict[int, int] = {}  # queued head-run tokens per expert
-        waiting: dict[int, float] = {}  # urgency of the requests whose next token needs the expert
+        waiting: dict[int, float] = {}  # delay cost of the requests whose next token needs the expert
         for r in reqs:
             e = r.pending_experts[0]
             size[e] = size.get(e, 0) + head_run(r.pending_experts)
-            waiting[e] = waiting.get(e, 0.0) + urgency(r)
+            waiting[e] = waiting.get(e, 0.0) + delay_cost(r)
         if not batch and reqs:  # a step always runs something: seed with the longest queue, as Algorithm 1 does
             batch.add(max(size, key=lambda e: (size[e], -e)))
         defer_s = self.cost.step_s(budget, max(1, len(set(size) | batch)))  # what deferring costs: one more step
-        in_batch = self.forced_urgency  # urgency of the requests already in the batch
+        in_batch = self.forced_cost  # delay cost of the requests already in the batch
         for r in [r for r in reqs if not r.in_prefill] + [r for r in reqs if r.in_prefill]:
             if budget == 0:
                 break
@@ -195,7 +198,7 @@ class ExpertAware(Scheduler):
                 if e not in batch and e not in new:
                     # adding e now makes every request in the batch wait for it; deferring e makes every request
                     # waiting on e wait a step (e's cost is paid later either way)
-                    if self.cost.expert_s(e) * in_batch > max(urgency(r), waiting.get(e, 0.0)) * defer_s:
+                    if self.cost.expert_s(e) * in_batch > max(delay_cost(r), waiting.get(e, 0.0)) * defer_s:
                         break
                     new.add(e)
                 n += 1
@@ -203,7 +206,7 @@ class ExpertAware(Scheduler):
                 out.append((r, n))
                 batch |= new
                 budget -= n
-                in_batch += urgency(r)
+                in_batch += delay_cost(r)
         return out
 
 
