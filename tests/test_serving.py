@@ -344,6 +344,9 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
             h, n = min_hits([ln["experts"] for ln in lines if ln["layer"] == 0], r["capacity"])
             assert h / n == pytest.approx(r["optimal_hit_ratio"])
     assert data["dense"]["requests"] == 5 and data["batch1_decode"]["speedup"] > 0
+    b1 = data["batch1_decode"]
+    assert b1["bound"] == pytest.approx(b1["dense_matmul_ms"] / b1["moe_matmul_ms"], rel=0.5) and b1["moe_matmul_ms"] > 0
+    assert data["goals"]["batch1_matmuls_only_speedup"] == b1["bound"]
     import statistics  # the resident runs and the dense parent: 3 interleaved rounds, medians in the row
 
     for r in [x for x in data["runs"] if x["policy"] == "resident"] + [data["dense"]]:
@@ -561,6 +564,32 @@ def test_pregate_decodes_many_slots_as_the_router_does_one_sequence(served):
                 want = moe.router(torch.tensor([seqs[s]]))[0][0, -1]
             torch.testing.assert_close(got[j], want, atol=1e-5, rtol=1e-5)
     assert pg.lens[4] == len(seqs[4]) and pg.lens[0] == 0
+
+
+def test_decode_weights_are_the_lone_decode_steps_matmuls(served, monkeypatch):
+    """The batch-1 bound times `decode_weights()`: exactly the weights a lone request's decode step multiplies by,
+    in order, with merged experts (one merged MLP per layer) and without (shared, then routed)."""
+    from readmoe.serving import step_runner
+    from readmoe.serving.bench import matmul_ms
+
+    moe, d = served
+    for merge in ("auto", False):
+        with Engine(moe, EngineConfig(merge_experts=merge, scheduler="decode-first"), checkpoint=d) as eng:
+            r = eng.runner
+            req = eng.submit(PROMPTS[0], SamplingParams(max_tokens=4, ignore_eos=True))
+            eng.step()  # the prompt; the next step decodes one token on one expert
+            used = []
+            with monkeypatch.context() as m:  # record the MLP's matmuls and the projections' calls
+                lin, proj = step_runner.linear, type(r.lm_head)  # q/k/v, o and lm_head share one class
+                call = proj.__call__
+                m.setattr(step_runner, "linear", lambda x, w: used.append(w) or lin(x, w))
+                m.setattr(proj, "__call__", lambda self, x: used.append(self) or call(self, x))
+                expert = req.pending_experts[0]
+                eng.step()
+            want = r.decode_weights(expert)
+            assert [id(w) for w in used] == [id(w) for w in want]
+            assert len(want) == (4 if merge else 6) * len(r.layers) + 1
+            assert matmul_ms(want, r.dtype, reps=2) > 0
 
 
 def test_merged_experts_compute_what_shared_plus_routed_do(served, monkeypatch):

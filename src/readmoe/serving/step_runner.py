@@ -261,6 +261,23 @@ class StepRunner:
         self.qkv, self.o_proj, self.shared_gu, self.shared_down = [], [], [], []
         self.expert_fn = self.on_layer = None
 
+    def decode_weights(self, expert: int = 0) -> list:
+        """The weights a lone request's decode step on `expert` multiplies by, in the step's order: per layer q/k/v,
+        o and the MLP (the expert merged with the shared one where merged, as a one-expert step runs it; else the
+        shared expert's gate+up and down, then the routed one's from the expert cache), then the lm_head. Timed
+        alone they bound what the step can gain from reading fewer weight bytes."""
+        out = []
+        for l in range(len(self.layers)):
+            out += [self.qkv[l], self.o_proj[l]]
+            one = self.merged.one[l][expert] if self.merged is not None else None
+            if one is not None:
+                out += one
+                continue
+            out += [self.shared_gu[l], self.shared_down[l]]
+            gu, down = self.expert_fn(l, expert, [expert])
+            out += [gu, down] if gu.shape[0] else []
+        return out + [self.lm_head]
+
     def new_kv(self) -> SeqKV:
         return self.kv.alloc()
 
