@@ -159,7 +159,7 @@ def test_belady_with_full_future_equals_min():
 def test_lookahead_predicts_the_next_batches():
     class R(Q):
         def __init__(self, rid, experts, prompt, out_left):
-            super().__init__(rid, experts, prefill=True)
+            super().__init__(rid, experts, prefill=True, max_tokens=out_left)
             self.prompt_ids, self.processed, self.output_ids = [0] * prompt, 0, []
             self.params = SamplingParams(max_tokens=out_left)
             self.finished = False
@@ -176,7 +176,7 @@ def test_lookahead_keeps_the_requests_decoding_in_the_current_step():
     token that step samples (assumed on the same expert), or the whole decode load vanishes from Belady's future."""
     class R(Q):
         def __init__(self, rid, prompt, out_done, max_tokens):
-            super().__init__(rid, [], prefill=False)
+            super().__init__(rid, [], prefill=False, max_tokens=max_tokens)
             self.prompt_ids, self.processed = [0] * prompt, prompt + out_done - 1
             self.output_ids = [0] * out_done
             self.params = SamplingParams(max_tokens=max_tokens)

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import report
@@ -25,6 +24,7 @@ from ..atomic import atomic_write_json
 from ..errors import UserError
 from .engine import Engine, EngineConfig
 from .expert_cache import POLICIES, check_cache, min_hits
+from .packed_linear import linear
 from .request import SamplingParams
 from .scheduler import SCHEDULERS, make_scheduler
 from .workload import WorkloadConfig, synthetic, trace
@@ -135,13 +135,12 @@ def decode_step_ms(model, checkpoint, prompt: list[int], tokens: int = 24) -> tu
 def matmul_ms(weights: list, dtype: torch.dtype, reps: int = 30) -> float:
     """Median time (ms) of one row through every matmul of `weights` in turn (plain tensors, or the step runner's
     callable projections): a decode step with nothing but its matmuls."""
-    shape_in = lambda w: w.shape[1] if isinstance(getattr(w, "shape", None), tuple) else w.weight.shape[1]  # noqa: E731
-    xs = [torch.randn(1, shape_in(w), dtype=dtype) for w in weights]
+    xs = [torch.randn(1, w.shape[1], dtype=dtype) for w in weights]
     times = []
     for i in range(reps + 5):  # 5 warm-up passes
         t = time.perf_counter()
         for w, x in zip(weights, xs):
-            w(x) if callable(w) else F.linear(x, w)
+            linear(x, w)
         if i >= 5:
             times.append(time.perf_counter() - t)
     return 1000 * statistics.median(times)

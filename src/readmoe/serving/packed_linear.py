@@ -41,8 +41,8 @@ class PackedLinear:
 
 
 def linear(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ w.T for a plain weight tensor or a PackedLinear."""
-    return w(x) if isinstance(w, PackedLinear) else F.linear(x, w)
+    """x @ w.T for a plain weight tensor, or a callable projection (a PackedLinear, the step runner's Projection)."""
+    return w(x) if callable(w) else F.linear(x, w)
 
 
 def pack(w: torch.Tensor) -> PackedLinear | torch.Tensor:

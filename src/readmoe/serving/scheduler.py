@@ -262,7 +262,7 @@ def lookahead(sched: Scheduler, reqs: Sequence, steps: int,
             decode_left -= 1  # the step's last token yields an output ...
             if decode_left >= 1:
                 pending = [last_e]  # ... which is queued for the next step
-        sims.append(_Sim(r.rid, r.arrival_s, pending, r.waited, prompt_left, decode_left, r.params.max_tokens))
+        sims.append(_Sim(r.rid, r.arrival_s, pending, r.waited, prompt_left, decode_left, r.max_tokens))
     out = []
     for _ in range(steps):
         chunks = sched.schedule(sims)

@@ -83,6 +83,11 @@ class Projection:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's (out, in), as a PackedLinear has it."""
+        return tuple(self.weight.shape)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
