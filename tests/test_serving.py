@@ -8,7 +8,7 @@ import torch
 
 from readmoe.errors import UserError
 from readmoe.serving import Engine, EngineConfig, SamplingParams
-from readmoe.serving.expert_cache import min_hits, simulate
+from readmoe.serving.expert_cache import ExpertCache, min_hits, simulate
 from readmoe.serving.scheduler import SCHEDULERS, lookahead, make_scheduler
 
 from helpers import tiny_moe
@@ -129,6 +129,78 @@ def test_cost_model_fits_its_coefficients():
     assert m.per_expert == pytest.approx(0.01, abs=5e-4)
 
 
+
+class _LinkStore:
+    """A store behind a 1 GB/s link that records when each transfer was issued (no weights)."""
+
+    link_gbps, num_layers, num_experts, device = 1.0, 2, 4, torch.device("cpu")
+
+    def __init__(self):
+        self.nbytes = {(l, e): 1000 for l in range(2) for e in range(4)}
+        self.issued: list[tuple[int, int]] = []
+
+    def transfer(self, layer, expert, count=True):
+        self.issued.append((layer, expert))
+        return (torch.zeros(1), torch.zeros(1)), 0.0
+
+    def load(self, layer, expert, count=True):
+        return self.transfer(layer, expert, count)[0]
+
+    def close(self):
+        pass
+
+
+class _NoLinkStore(_LinkStore):
+    link_gbps = None
+
+
+def test_transfer_buffer_starts_a_steps_extra_experts_ahead_and_shrinks_back_to_capacity():
+    store = _LinkStore()
+    cache = ExpertCache(store, 2, "lru", prefetch=True, buffer=1)
+    for e in (0, 1):
+        cache.get(0, e, keep=[e])
+    store.issued.clear()
+    cache.hits = cache.misses = 0
+    # a step needs experts 0, 1 and 2 in layer 0; 0 and 1 fill the layer: 2 goes into the buffer at once,
+    # without evicting either, where without a buffer its transfer would wait for the layer to use one of them
+    cache.prefetch(0, [0, 1, 2])
+    assert store.issued == [(0, 2)] and set(cache.resident[0]) == {0, 1, 2} and cache.buffered == 1
+    cache.prefetch(0, [0, 1, 2, 3])  # one buffer slot per layer: 3 must wait
+    assert store.issued == [(0, 2)]
+    cache.get(0, 0, keep=[0, 1, 2])
+    assert set(cache.resident[0]) == {0, 1, 2}  # everything held is still needed by the step
+    cache.get(0, 1, keep=[1, 2])
+    assert set(cache.resident[0]) == {1, 2}  # 0 is done: back to capacity
+    cache.get(0, 2, keep=[2])
+    assert (cache.hits, cache.misses) == (2, 1)  # the buffered expert counts as a miss, loaded early
+    no_buffer = ExpertCache(_LinkStore(), 2, "lru", prefetch=True, buffer=0)
+    for e in (0, 1):
+        no_buffer.get(0, e, keep=[e])
+    no_buffer.prefetch(0, [0, 1, 2])
+    assert set(no_buffer.resident[0]) == {0, 1} and no_buffer.buffered == 0
+    # a loader thread on the compute cores gets no buffer: running further ahead only competes harder
+    threaded = ExpertCache(_NoLinkStore(), 2, "lru", prefetch=True, buffer=1)
+    assert threaded.pool is not None and threaded.buffer == 0
+    threaded.close()
+
+
+def test_transfer_buffer_behind_the_link_keeps_outputs_and_capacity_between_steps(served):
+    moe, d = served
+    outs = {}
+    for buf in (0, 1):
+        eng = Engine(moe, EngineConfig(scheduler="decode-first", capacity=1, policy="belady", link_gbps=50.0,
+                                       prefetch_buffer=buf), checkpoint=d)
+        reqs = [eng.submit(p, SamplingParams(max_tokens=6)) for p in PROMPTS]
+        while eng.has_work():
+            eng.step()
+            assert all(len(res) <= 1 for res in eng.cache.resident)  # the buffer is empty between steps
+        outs[buf] = [r.output_ids for r in reqs]
+        assert (eng.cache.buffered > 0) is (buf > 0)
+        eng.close()
+    assert outs[0] == outs[1]
+    with pytest.raises(UserError, match="prefetch_buffer"):
+        Engine(moe, EngineConfig(capacity=1, prefetch_buffer=-1), checkpoint=d)
+
 SEQ = [[0], [1], [2], [0], [1], [3], [0], [1]]
 
 
@@ -236,8 +308,9 @@ def test_prefetch_makes_the_same_loads_as_on_demand_and_link_emulation_takes_tim
     logs = {}
     for cap, sched in ((2, "expert-aware"), (1, "decode-first")):  # at capacity 1 steps need more than fit
         for pf, link in ((False, None), (True, None), (True, 50.0)):  # on demand, a loader thread, a link
+            # without the transfer buffer (tested below), prefetching only moves the same loads earlier
             eng = Engine(moe, EngineConfig(scheduler=sched, capacity=cap, policy="belady", prefetch=pf,
-                                           link_gbps=link), checkpoint=d)
+                                           link_gbps=link, prefetch_buffer=0), checkpoint=d)
             assert (eng.cache.pool is not None) == (pf and link is None)
             eng.run([(0.0, p, SamplingParams(max_tokens=6)) for p in PROMPTS])
             logs[pf, link] = (eng.access_log, eng.cache.hits, eng.cache.misses, eng.cache.store.bytes_loaded)

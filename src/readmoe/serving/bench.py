@@ -112,6 +112,7 @@ def summarize(eng: Engine, reqs, name: str) -> dict:
         "bytes_loaded": c.store.bytes_loaded,
         "load_s": c.load_s, "load_wait_s": c.blocked_s,
         "hidden_load_share": (1 - c.blocked_s / c.load_s) if c.load_s > 0 else 0.0,
+        "buffered_loads": c.buffered,
         "router_share": eng.stats.router_s / eng.stats.busy_s if eng.stats.busy_s else None,
         "resident_bytes": eng.resident_bytes(),
         "norm_latencies": norm,

@@ -196,10 +196,20 @@ class ExpertCache:
     `ahead` is the predicted access order after the current step (the scheduler's lookahead over the
     pre-gated queues); `belady` puts the current step's remaining accesses in front of it. With `prefetch`,
     `prefetch(layer, experts)` starts loading without blocking (a transfer on the link, or a loader thread);
-    `get` then waits only for what is still in flight."""
+    `get` then waits only for what is still in flight.
 
-    def __init__(self, store: ExpertStore, capacity: int, policy: str = "lru", prefetch: bool = False, seed: int = 0):
+    `buffer`: where a copy engine does the transfers (a link, a GPU), up to this many experts per layer may be
+    in flight or arrived beyond `capacity`, for a step that needs more experts than fit. Without it the extra
+    expert's transfer can start only once the layer has used an expert it can replace, so it is waited for
+    inside the layer; with it, the transfer starts `prefetch_depth` layers ahead like any other. The layer
+    shrinks back to `capacity` as soon as the step has used an expert it can drop, so at most
+    (prefetch_depth + 1) x buffer experts are held beyond capacity at any time (a double buffer)."""
+
+    def __init__(self, store: ExpertStore, capacity: int, policy: str = "lru", prefetch: bool = False, seed: int = 0,
+                 buffer: int = 2):
         check_cache(capacity, policy)
+        if buffer < 0:
+            raise ValueError("buffer must be >= 0")
         self.store, self.capacity, self.policy = store, capacity, policy
         L = store.num_layers
         self.resident: list[dict[int, Future | InFlight | tuple]] = [dict() for _ in range(L)]
@@ -213,6 +223,9 @@ class ExpertCache:
         # (InFlight); otherwise a loader thread copies (a GPU's copy engine does the work; on CPU cores it competes)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch and not store.link_gbps else None
         self.can_prefetch = bool(prefetch)
+        copy_engine = prefetch and (bool(store.link_gbps) or store.device.type == "cuda")
+        self.buffer = buffer if copy_engine else 0  # a loader thread on the compute cores gains nothing from it
+        self.buffered = 0  # prefetches that went into the buffer (the layer was full of experts the step needs)
         self.enabled = bool(prefetch)  # False: loads happen on demand, inline (switched per step)
         self.hits = self.misses = 0
         self.load_s = 0.0  # time spent copying experts (in the loader thread or inline)
@@ -271,8 +284,9 @@ class ExpertCache:
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
         """Start loading the step's `experts` of `layer`, in access order, without blocking.
 
-        Only into free slots or over experts this step does not need, so prefetching never evicts what the
-        step is about to use and makes exactly the loads on-demand loading would make, earlier."""
+        Into free slots or over experts this step does not need, so prefetching never evicts what the step is
+        about to use and makes exactly the loads on-demand loading would make, earlier. When every slot holds
+        an expert the step needs, the rest go into the transfer buffer (`buffer`), if there is one."""
         if not self.enabled or layer >= len(self.resident):
             return
         res, needed = self.resident[layer], set(experts)
@@ -281,8 +295,12 @@ class ExpertCache:
             if e in res:
                 continue
             if len(res) >= self.capacity and all(x in needed for x in res):
-                break
-            self._admit(layer, e, needed)
+                if len(res) >= self.capacity + self.buffer:
+                    break
+                res[e] = self._issue(layer, e) if self.pool is None else self.pool.submit(self._timed_load, layer, e)
+                self.buffered += 1
+            else:
+                self._admit(layer, e, needed)
             self.prefetched[layer].add(e)
 
     def get(self, layer: int, expert: int, keep: Sequence[int] = ()) -> tuple[torch.Tensor, ...]:
@@ -311,6 +329,11 @@ class ExpertCache:
                 ws = ws.ws
             self.wait_s += time.perf_counter() - t
             res[expert] = ws
+        keep_set = set(keep) | {expert}
+        while len(res) > self.capacity and any(x not in keep_set for x in res):  # back to capacity once it can
+            victim = self._victim(layer, keep_set)
+            del res[victim]
+            self.prefetched[layer].discard(victim)
         if self.enabled and rest and rest[0] not in res and len(res) >= self.capacity:
             # The step needs more experts than fit and `prefetch` stopped at capacity: start the next one's load
             # now, over this expert (its weights are in the caller's hands) or one not needed, so it overlaps
