@@ -410,6 +410,9 @@ def serve(
     max_wait: int = typer.Option(8, help="aging bound: steps a queued token may wait"),
     store: str = typer.Option("disk", help="expert store: disk (safetensors reads) or host (memory)"),
     link_gbps: Optional[float] = typer.Option(None, help="emulate a host->accelerator link of this many GB/s"),
+    prefetch_buffer: int = typer.Option(2, help="experts per layer a copy engine (a link, a GPU) may hold in flight "
+                                                "beyond --capacity, so a step that needs more experts than fit loads "
+                                                "them ahead too; 0 waits for a slot"),
     max_model_len: int = typer.Option(4096, help="longest request (prompt + output) in tokens; each running request "
                                                  "reserves KV for this many (on CPU only the tokens held use memory)"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
@@ -447,6 +450,8 @@ def serve(
     check_cache(policy=policy, store=store)
     if link_gbps is not None and link_gbps <= 0:
         raise UserError("--link-gbps must be > 0")
+    if prefetch_buffer < 0:
+        raise UserError("--prefetch-buffer must be >= 0")
     modes = {"auto": "auto", "on": True, "off": False}
     if prefetch not in modes:
         raise UserError(f"unknown --prefetch '{prefetch}': use auto, on or off")
@@ -458,7 +463,7 @@ def serve(
         raise UserError("--merge-experts on needs every expert resident: drop --capacity, or use auto")
     cfg = EngineConfig(scheduler=scheduler, token_budget=token_budget, max_running=max_running, max_wait=max_wait,
                        capacity=capacity, policy=policy, prefetch=modes[prefetch], store=store, link_gbps=link_gbps,
-                       max_model_len=max_model_len, pack_weights=modes[pack_weights],
+                       prefetch_buffer=prefetch_buffer, max_model_len=max_model_len, pack_weights=modes[pack_weights],
                        merge_experts=modes[merge_experts])
     dt = _dtype(dtype)
     if replicas > 1 or emit_config is not None:
