@@ -110,9 +110,9 @@ class Engine:
         self.sched = make_scheduler(cfg.scheduler, cfg.token_budget, cfg.max_wait, self.cost)
         if cfg.max_model_len is not None and cfg.max_model_len < 2:
             raise UserError("max_model_len must be >= 2 (a prompt token and an output token)")
-        check_cache(cfg.capacity, cfg.policy, cfg.store, moe.num_experts)
-        if cfg.prefetch_depth < 0 or cfg.prefetch_buffer < 0:
-            raise UserError("prefetch_depth and prefetch_buffer must be >= 0")
+        check_cache(cfg.capacity, cfg.policy, cfg.store, moe.num_experts, buffer=cfg.prefetch_buffer)
+        if cfg.prefetch_depth < 0:
+            raise UserError("prefetch_depth must be >= 0")
         kind = cfg.store if checkpoint is not None else "host"
         device = next(moe.parameters()).device
         store = ExpertStore(moe, checkpoint, kind, device=device, link_gbps=cfg.link_gbps)

@@ -34,9 +34,9 @@ STORES: tuple[Store, ...] = get_args(Store)
 
 
 def check_cache(capacity: int | None = None, policy: str | None = None, store: str | None = None,
-                num_experts: int | None = None, name: str = "capacity") -> None:
+                num_experts: int | None = None, name: str = "capacity", buffer: int | None = None) -> None:
     """The one validation of expert-cache settings: the engine, the cache, the benchmark and the CLI (before it
-    loads anything) all call it. `capacity` None means every expert resident."""
+    loads anything) all call it. `capacity` None means every expert resident; `buffer` is the prefetch buffer."""
     from ..errors import UserError
 
     if policy is not None and policy not in POLICIES:
@@ -45,6 +45,8 @@ def check_cache(capacity: int | None = None, policy: str | None = None, store: s
         raise UserError(f"unknown `store` '{store}': use one of {', '.join(STORES)}")
     if capacity is not None and (capacity < 1 or (num_experts is not None and capacity > num_experts)):
         raise UserError(f"`{name}` must lie in [1, {num_experts if num_experts is not None else 'experts'}], got {capacity}")
+    if buffer is not None and buffer < 0:
+        raise UserError(f"`prefetch_buffer` must be >= 0, got {buffer}")
 
 
 def wait_until(t: float) -> None:
@@ -207,9 +209,7 @@ class ExpertCache:
 
     def __init__(self, store: ExpertStore, capacity: int, policy: str = "lru", prefetch: bool = False, seed: int = 0,
                  buffer: int = 2):
-        check_cache(capacity, policy)
-        if buffer < 0:
-            raise ValueError("buffer must be >= 0")
+        check_cache(capacity, policy, buffer=buffer)
         self.store, self.capacity, self.policy = store, capacity, policy
         L = store.num_layers
         self.resident: list[dict[int, Future | InFlight | tuple]] = [dict() for _ in range(L)]
@@ -265,12 +265,18 @@ class ExpertCache:
         self.inline_s += copy_s
         return InFlight(ws, ready)
 
-    def _admit(self, layer: int, expert: int, keep: set[int]):
+    def _evict(self, layer: int, keep: set[int], size: int, must: bool) -> None:
+        """Evict by policy until the layer holds at most `size`, experts in `keep` last: `must` evicts them too if
+        nothing else is left (a load needs the slot); otherwise it stops there."""
         res = self.resident[layer]
-        while len(res) >= self.capacity:
+        while len(res) > size and (must or any(x not in keep for x in res)):
             victim = self._victim(layer, keep)
             del res[victim]
             self.prefetched[layer].discard(victim)
+
+    def _start(self, layer: int, expert: int) -> None:
+        """Load `expert` into `layer`: in the loader thread or over the link when prefetching, else inline."""
+        res = self.resident[layer]
         if self.enabled and self.pool is not None:
             res[expert] = self.pool.submit(self._timed_load, layer, expert)
         elif self.enabled and self.can_prefetch:
@@ -279,6 +285,10 @@ class ExpertCache:
             t = time.perf_counter()
             res[expert] = self._timed_load(layer, expert)
             self.inline_s += time.perf_counter() - t
+
+    def _admit(self, layer: int, expert: int, keep: set[int]):
+        self._evict(layer, keep, self.capacity - 1, must=True)
+        self._start(layer, expert)
 
     # -------------------------------------------------------------- use
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
@@ -297,7 +307,7 @@ class ExpertCache:
             if len(res) >= self.capacity and all(x in needed for x in res):
                 if len(res) >= self.capacity + self.buffer:
                     break
-                res[e] = self._issue(layer, e) if self.pool is None else self.pool.submit(self._timed_load, layer, e)
+                self._start(layer, e)
                 self.buffered += 1
             else:
                 self._admit(layer, e, needed)
@@ -329,11 +339,7 @@ class ExpertCache:
                 ws = ws.ws
             self.wait_s += time.perf_counter() - t
             res[expert] = ws
-        keep_set = set(keep) | {expert}
-        while len(res) > self.capacity and any(x not in keep_set for x in res):  # back to capacity once it can
-            victim = self._victim(layer, keep_set)
-            del res[victim]
-            self.prefetched[layer].discard(victim)
+        self._evict(layer, set(keep) | {expert}, self.capacity, must=False)  # the buffer drains once it can
         if self.enabled and rest and rest[0] not in res and len(res) >= self.capacity:
             # The step needs more experts than fit and `prefetch` stopped at capacity: start the next one's load
             # now, over this expert (its weights are in the caller's hands) or one not needed, so it overlaps
