@@ -9,6 +9,7 @@ import torch
 from readmoe.errors import UserError
 from readmoe.serving import Engine, EngineConfig, SamplingParams
 from readmoe.serving.expert_cache import ExpertCache, min_hits, simulate
+from readmoe.serving.forecast import ExpertForecast
 from readmoe.serving.scheduler import SCHEDULERS, lookahead, make_scheduler
 
 from helpers import tiny_moe
@@ -261,6 +262,37 @@ def test_lookahead_keeps_the_requests_decoding_in_the_current_step():
     assert lookahead(sched, reqs, 3) == []  # without the step's tokens nothing is queued
 
 
+def test_forecast_continues_the_last_match_and_repeats_a_loop():
+    f = ExpertForecast([5, 6, 7, 8], [0, 1, 2, 3])
+    assert f.next(3) == [3, 3, 3]  # no earlier occurrence of the last token: keep its expert
+    f.append(6, 1)  # 6 followed 5 before, then 7 came (expert 2): unigram match
+    assert f.next(2) == [2, 3]
+    f.append(7, 4)  # the bigram (6, 7) matches at its first occurrence: 8 (expert 3) came next
+    assert f.next(5) == [3, 1, 4, 3, 1]  # ... and then 6, 7: a loop of period 3 goes on
+    g = ExpertForecast([1, 2, 3, 9, 2, 1, 2], [0, 0, 1, 2, 3, 4, 4])
+    assert g.next(1) == [1]  # the bigram (1, 2) outranks the later unigram 2 -> 1
+    assert ExpertForecast([], []).next(4) == []
+    with pytest.raises(ValueError):
+        ExpertForecast([1, 2], [0])
+
+
+def test_lookahead_takes_decode_experts_from_the_forecast():
+    """Where a request's tokens repeat, Belady's future holds the experts its loop will use, not the last one."""
+    class R(Q):
+        def __init__(self, rid, tokens, experts, max_tokens):
+            super().__init__(rid, [], prefill=False, max_tokens=max_tokens)
+            self.prompt_ids, self.processed, self.output_ids = tokens, len(tokens), [0]
+            self.params = SamplingParams(max_tokens=max_tokens)
+            self.finished = False
+            self.forecast = ExpertForecast(tokens, experts)
+
+    sched = make_scheduler("decode-first", 8, 8)
+    r = R(0, [4, 5, 4, 5, 4], [1, 2, 1, 2, 1], 10)  # the step about to run takes token 4 (expert 1)
+    assert lookahead(sched, [r], 4, running_now={0: (1, 1)}) == [[2], [1], [2], [1]]
+    r.forecast = None  # without one, every later token keeps the last expert
+    assert lookahead(sched, [r], 4, running_now={0: (1, 1)}) == [[1], [1], [1], [1]]
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     moe = tiny_moe()
@@ -293,6 +325,10 @@ def test_engine_greedy_equals_generate_alone_and_batched(served, cfg):
     batched = eng.run([(0.0, p, SamplingParams(max_tokens=6)) for p in PROMPTS])
     assert [r.output_ids for r in batched] == want
     assert all(r.finish_reason == "length" and r.first_token_s <= r.finish_s for r in batched)
+    for r in batched:  # Belady's forecast saw every token with the expert it was routed to
+        assert r.forecast.tokens == r.prompt_ids + r.output_ids
+        assert r.forecast.experts[len(r.prompt_ids):] == r.output_experts
+        assert r.forecast.experts[:len(r.prompt_ids)] == eng.pregate.prompt(r.prompt_ids)[0]
     if "capacity" in cfg:
         assert eng.cache.misses > 0 and eng.cache.store.bytes_loaded > 0
         assert all(len(res) <= cfg["capacity"] for res in eng.cache.resident)

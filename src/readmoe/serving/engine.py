@@ -27,6 +27,7 @@ from .packed_linear import PackMode, resolve_packing
 from .prefetch import PrefetchSwitch, resolve_prefetch
 from .scheduler import SchedulerName, SchedulerOutput, age, lookahead, make_scheduler
 from .merged_experts import resolve_merging
+from .forecast import ExpertForecast
 from .pregate import PreGate
 from .step_runner import Segment, StepRunner, first_use_order
 
@@ -182,6 +183,7 @@ class Engine:
         experts, r.router_cache = self.pregate.prompt(r.prompt_ids)  # the whole prompt, on arrival
         self._router_time(time.perf_counter() - t)
         r.pending, r.pending_experts = list(r.prompt_ids), experts
+        r.forecast = ExpertForecast(r.prompt_ids, experts)
         self.waiting.append(r)
         return r
 
@@ -300,6 +302,7 @@ class Engine:
             self._router_time(time.perf_counter() - t)
             for r, e in zip(emitted, experts):
                 r.output_experts.append(e)
+                r.forecast.append(r.output_ids[-1], e)
                 self._stop_or_queue(r)
         self.running = [r for r in self.running if not r.finished]
         return self.done[finished_before:]

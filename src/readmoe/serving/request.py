@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
+from .forecast import ExpertForecast
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Request:
     processed: int = 0  # tokens already in the KV cache
     waited: int = 0  # steps the head token has been schedulable but not scheduled
     router_cache: object = None
+    forecast: ExpertForecast | None = None  # the experts of tokens not yet generated (Belady's lookahead)
     kv: object = None
     first_token_s: float | None = None
     finish_s: float | None = None

@@ -28,7 +28,7 @@ steps is served first, so no token waits longer than that (given at most
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence, get_args
 
 from .cost_model import StepCostModel
@@ -234,6 +234,7 @@ class _Sim:
     prompt_left: int
     decode_left: int
     max_tokens: int
+    draft: list = field(default_factory=list)  # forecast experts of the tokens it will generate, in order
 
     @property
     def in_prefill(self) -> bool:
@@ -247,8 +248,9 @@ def lookahead(sched: Scheduler, reqs: Sequence, steps: int,
     Belady ranks experts by their next use, and within a step that order decides it.
 
     `running_now` maps each request in the step about to run to (tokens taken, expert of the last one): those
-    are no longer queued, and a request whose queue they emptied samples a token at the end of the step. That
-    token, and every later one, is assumed to keep the last expert (tokens usually do)."""
+    are no longer queued, and a request whose queue they emptied samples a token at the end of the step. The
+    experts of that token and every later one come from the request's `forecast` (forecast.py); a request
+    without one keeps its last expert (tokens usually do)."""
     now = running_now or {}
     sims = []
     for r in reqs:
@@ -258,11 +260,13 @@ def lookahead(sched: Scheduler, reqs: Sequence, steps: int,
         prompt_left = max(0, len(r.prompt_ids) - r.processed - n)
         decode_left = r.params.max_tokens - len(r.output_ids)
         pending = list(r.pending_experts)
+        forecast = getattr(r, "forecast", None)
+        draft = forecast.next(min(steps, decode_left)) if forecast is not None else []
         if not pending and last_e is not None and prompt_left == 0:
             decode_left -= 1  # the step's last token yields an output ...
             if decode_left >= 1:
-                pending = [last_e]  # ... which is queued for the next step
-        sims.append(_Sim(r.rid, r.arrival_s, pending, r.waited, prompt_left, decode_left, r.max_tokens))
+                pending = [draft.pop(0) if draft else last_e]  # ... which is queued for the next step
+        sims.append(_Sim(r.rid, r.arrival_s, pending, r.waited, prompt_left, decode_left, r.max_tokens, draft))
     out = []
     for _ in range(steps):
         chunks = sched.schedule(sims)
@@ -278,7 +282,7 @@ def lookahead(sched: Scheduler, reqs: Sequence, steps: int,
             s.prompt_left = max(0, s.prompt_left - c.n)
             if not s.pending_experts and s.prompt_left == 0 and s.decode_left > 1:
                 s.decode_left -= 1
-                s.pending_experts.append(last)
+                s.pending_experts.append(s.draft.pop(0) if s.draft else last)
         age(sims, ran)
         out.append(list(used))
     return out
