@@ -117,6 +117,24 @@ def test_cost_aware_weighs_delay_per_output_token():
     assert plan(32, waited=2) == [0, 1, 2, 3], "soft aging: two steps held back, it runs, well before the bound of 8"
 
 
+def test_cost_aware_prices_a_deferral_at_the_step_the_queue_makes():
+    """A deferred token waits one step, and a step is as long as the queued work, not the token budget: with four
+    decode tokens queued the step is short, so a request waits a step rather than make the batch wait for its
+    expert's load, whatever the budget; behind a long prompt the step is long and the expert joins now."""
+    from readmoe.serving.cost_model import StepCostModel
+
+    cost = StepCostModel(fixed=0.05, per_token=0.001, per_expert=0.001)
+    cost.load_s = lambda e: 0.0 if e == 0 else 0.03  # expert 0 resident, expert 1 to load
+
+    def plan(budget, prompt=False):
+        reqs = [Q(i, [0], prefill=False, max_tokens=32) for i in range(3)] + [Q(3, [1], prefill=False, max_tokens=32)]
+        reqs += [Q(4, [0] * 100, prefill=True, max_tokens=32)] if prompt else []
+        return [rid for rid, _ in _plan(make_scheduler("expert-aware", budget, 8, cost), reqs)]
+
+    assert plan(128) == plan(16) == [0, 1, 2]
+    assert plan(128, prompt=True) == [0, 1, 2, 3, 4]
+
+
 def test_cost_model_fits_its_coefficients():
     from readmoe.serving.cost_model import StepCostModel
 

@@ -188,7 +188,10 @@ class ExpertAware(Scheduler):
             waiting[e] = waiting.get(e, 0.0) + delay_cost(r)
         if not batch and reqs:  # a step always runs something: seed with the longest queue, as Algorithm 1 does
             batch.add(max(size, key=lambda e: (size[e], -e)))
-        defer_s = self.cost.step_s(budget, max(1, len(set(size) | batch)))  # what deferring costs: one more step
+        # What deferring costs: a step more of waiting, as long as the queued work makes it (a full budget's step
+        # would overstate it at light load, where a step holds a few tokens)
+        queued = min(budget, sum(len(r.pending_experts) for r in reqs))
+        defer_s = self.cost.step_s(queued, max(1, len(set(size) | batch)))
         in_batch = self.forced_cost  # delay cost of the requests already in the batch
         for r in [r for r in reqs if not r.in_prefill] + [r for r in reqs if r.in_prefill]:
             if budget == 0:
