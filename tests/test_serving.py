@@ -474,13 +474,22 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
     b1 = data["batch1_decode"]
     assert b1["bound"] == pytest.approx(b1["dense_matmul_ms"] / b1["moe_matmul_ms"], rel=0.5) and b1["moe_matmul_ms"] > 0
     assert data["goals"]["batch1_matmuls_only_speedup"] == b1["bound"]
-    import statistics  # the resident runs and the dense parent: 3 interleaved rounds, medians in the row
+    import statistics  # the resident runs, the dense parent and expert-aware's Belady and LRU runs with prefetch:
 
-    for r in [x for x in data["runs"] if x["policy"] == "resident"] + [data["dense"]]:
+    # 3 interleaved rounds, medians in the row
+    repeated = [x for x in data["runs"] if x["policy"] == "resident" or (x["scheduler"] == "expert-aware" and x["prefetch"])]
+    assert len(repeated) == len(SCHEDULERS) + 2
+    for r in repeated + [data["dense"]]:
         rounds = r["rounds"]["mean_norm_latency_s"]
         assert len(rounds) == 3 and r["mean_norm_latency_s"] == statistics.median(rounds)
         assert r["p95_norm_latency_s"] == statistics.median(r["rounds"]["p95_norm_latency_s"])
-    assert all("rounds" not in r for r in data["runs"] if r["policy"] != "resident")
+    assert all("rounds" not in r for r in data["runs"] if not any(r is x for x in repeated))
+    bel, lru = (next(x for x in repeated if x["policy"] == p) for p in ("belady", "lru"))
+    paired = [b - l for b, l in zip(bel["rounds"]["hit_ratio"], lru["rounds"]["hit_ratio"])]
+    assert data["goals"]["belady_minus_lru_points"]["2"] == pytest.approx(100 * statistics.median(paired))
+    below = [o - h for o, h in zip(bel["rounds"]["optimal_hit_ratio"], bel["rounds"]["hit_ratio"])]
+    assert data["goals"]["belady_below_min_points"]["2"] == pytest.approx(100 * statistics.median(below))
+    assert any("median of 3 rounds" in ln for ln in verdict_lines if "Belady" in ln)
     for png in ("latency_cdf.png", "hit_ratio.png", "experts_per_batch.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     tr = tmp_path / "trace.jsonl"
