@@ -268,6 +268,9 @@ def test_metrics(live, client):
     assert float(line.split()[-1]) >= 1
     misses = next(l for l in text.splitlines() if l.startswith("readmoe:expert_cache_misses_total"))
     assert float(misses.split()[-1]) > 0, "capacity 2 of 3 experts: some accesses load"
+    value = lambda name: float(next(l for l in text.splitlines() if l.startswith(name)).split()[-1])  # noqa: E731
+    assert value("readmoe:expert_forecast_tokens_total") >= 4, "every generated token is routed, and forecast first"
+    assert 0 <= value("readmoe:expert_forecast_hits_total") <= value("readmoe:expert_forecast_tokens_total")
 
 
 @pytest.mark.slow

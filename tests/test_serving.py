@@ -347,6 +347,7 @@ def test_engine_greedy_equals_generate_alone_and_batched(served, cfg):
         assert r.forecast.tokens == r.prompt_ids + r.output_ids
         assert r.forecast.experts[len(r.prompt_ids):] == r.output_experts
         assert r.forecast.experts[:len(r.prompt_ids)] == eng.pregate.prompt(r.prompt_ids)[0]
+    assert eng.stats.forecast_tokens == 2 * 6 * len(PROMPTS) >= eng.stats.forecast_hits  # alone, then batched
     if "capacity" in cfg:
         assert eng.cache.misses > 0 and eng.cache.store.bytes_loaded > 0
         assert all(len(res) <= cfg["capacity"] for res in eng.cache.resident)
@@ -465,6 +466,7 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
     assert len(data["runs"]) == n + n * 2 + 1 and all(keys <= set(r) for r in data["runs"])
     for r in data["runs"]:
         assert r["requests"] == 5 and r["hit_ratio"] <= r["optimal_hit_ratio"] + 1e-9
+        assert 0 <= r["forecast_accuracy"] <= 1
         lines = [json.loads(ln) for ln in (out / r["access_file"]).read_text().splitlines()]
         assert len(lines) == r["steps"] * 2 and set(lines[0]) == {"step", "layer", "experts"}
         if r["policy"] != "resident":  # MIN from the file alone (experts in first-use order) equals the report's

@@ -2,7 +2,8 @@
 
 Request metrics (latency histograms, token and finish counters) are observed on the
 asyncio side, on the wall clock a client sees. Engine metrics (queue gauges, expert
-cache, router time, KV bytes) are updated by the engine thread after every step.
+cache, router time, the expert forecast's hits, KV bytes) are updated by the engine thread
+after every step.
 Each server has its own registry, so several can live in one process (tests).
 """
 
@@ -44,8 +45,12 @@ class ServerMetrics:
         self.queued = Gauge("readmoe:queued_tokens", "Pre-gated tokens waiting to run, per routed expert.",
                             lab + ["expert"], registry=r)
         self.router_s = Counter("readmoe:router_seconds", "Time spent pre-gating (the router).", lab, registry=r)
+        self.forecast_tokens = Counter("readmoe:expert_forecast_tokens",
+                                       "Generated tokens routed (the forecast's attempts).", lab, registry=r)
+        self.forecast_hits = Counter("readmoe:expert_forecast_hits", "Generated tokens whose routed expert the "
+                                     "forecast behind Belady's future had predicted.", lab, registry=r)
         self.kv_bytes = Gauge("readmoe:kv_cache_bytes", "Bytes of KV cache held by running requests.", lab, registry=r)
-        self._last = {"hits": 0, "misses": 0, "bytes": 0, "hidden": 0.0, "router": 0.0}
+        self._last = {"hits": 0, "misses": 0, "bytes": 0, "hidden": 0.0, "router": 0.0, "ftok": 0, "fhit": 0}
 
     def on_finish(self, r) -> None:
         """Called by the engine thread when a request ends, whether or not its client is still reading."""
@@ -70,7 +75,9 @@ class ServerMetrics:
         hidden = max(0.0, c.load_s - c.blocked_s)
         for key, value, counter in (("hits", c.hits, self.hits), ("misses", c.misses, self.misses),
                                     ("bytes", c.store.bytes_loaded, self.bytes_loaded), ("hidden", hidden, self.hidden),
-                                    ("router", engine.stats.router_s, self.router_s)):
+                                    ("router", engine.stats.router_s, self.router_s),
+                                    ("ftok", engine.stats.forecast_tokens, self.forecast_tokens),
+                                    ("fhit", engine.stats.forecast_hits, self.forecast_hits)):
             if value > last[key]:
                 counter.labels(m).inc(value - last[key])
             last[key] = value

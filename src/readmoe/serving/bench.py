@@ -3,8 +3,9 @@
 Per run: normalized latency (latency / generated tokens, the paper's metric), time
 to first token and end-to-end latency (mean, p50, p95, p99), tokens/s, unique
 experts per batch, cache hit ratio against the offline optimum (Belady's MIN on the
-same access sequence), bytes loaded, the share of load time prefetch hid, and the
-router's share of time. Reference runs: all experts resident per scheduler, on-demand
+same access sequence), bytes loaded, the share of load time prefetch hid, the
+router's share of time, and how often the expert forecast (Belady's future) predicted a
+generated token's expert. Reference runs: all experts resident per scheduler, on-demand
 loading (no prefetch), and the dense parent on the same engine and workload.
 """
 
@@ -114,6 +115,7 @@ def summarize(eng: Engine, reqs, name: str) -> dict:
         "hidden_load_share": (1 - c.blocked_s / c.load_s) if c.load_s > 0 else 0.0,
         "buffered_loads": c.buffered,
         "router_share": eng.stats.router_s / eng.stats.busy_s if eng.stats.busy_s else None,
+        "forecast_accuracy": eng.stats.forecast_accuracy,  # generated tokens whose expert Belady's future predicted
         "resident_bytes": eng.resident_bytes(),
         "norm_latencies": norm,
         "accesses_per_layer": n, "layers": L,
@@ -356,11 +358,12 @@ def verdicts(g: dict, link_gbps: float | None) -> list[tuple[str, bool, str]]:
 def summary_rows(data: dict):
     runs = data["runs"] + ([data["dense"]] if data["dense"] else [])
     h = ["run", "norm lat mean ms", "p95 ms", "p99 ms", "TTFT mean s", "tok/s", "experts/batch", "hit %", "MIN %",
-         "MB loaded", "prefetch hid %", "router %"]
+         "MB loaded", "prefetch hid %", "router %", "forecast %"]
     rows = [[r["name"], 1000 * r["mean_norm_latency_s"], 1000 * r["p95_norm_latency_s"], 1000 * r["p99_norm_latency_s"],
              r["mean_ttft_s"], r["tokens_per_s"], r["unique_experts_per_batch"], 100 * r["hit_ratio"],
              100 * r["optimal_hit_ratio"] if r["optimal_hit_ratio"] is not None else None, r["bytes_loaded"] / 2 ** 20,
-             100 * r["hidden_load_share"], 100 * r["router_share"]] for r in runs]
+             100 * r["hidden_load_share"], 100 * r["router_share"],
+             100 * r["forecast_accuracy"] if r.get("forecast_accuracy") is not None else None] for r in runs]
     return h, rows
 
 

@@ -75,6 +75,12 @@ class EngineStats:
     steps: list[StepStats] = field(default_factory=list)
     router_s: float = 0.0
     busy_s: float = 0.0
+    forecast_tokens: int = 0  # generated tokens routed ...
+    forecast_hits: int = 0  # ... whose expert the forecast (Belady's future) had predicted
+
+    @property
+    def forecast_accuracy(self) -> float | None:
+        return self.forecast_hits / self.forecast_tokens if self.forecast_tokens else None
 
 
 @dataclass
@@ -302,6 +308,8 @@ class Engine:
             self._router_time(time.perf_counter() - t)
             for r, e in zip(emitted, experts):
                 r.output_experts.append(e)
+                self.stats.forecast_tokens += 1
+                self.stats.forecast_hits += r.forecast.next(1) == [e]
                 r.forecast.append(r.output_ids[-1], e)
                 self._stop_or_queue(r)
         self.running = [r for r in self.running if not r.finished]
