@@ -206,7 +206,7 @@ def bench(moe, checkpoint: Path, tok, corpus, dense_engine_model, cfg: BenchConf
     resident = [("moe", ec) for ec in repeated]
     resident += [("dense", dense_ec)] if dense_engine_model is not None else []
     jobs = [(k, label, ec) for k in range(cfg.rounds) for label, ec in resident]
-    jobs += [(0, "moe", ec) for ec in plans if not any(ec is r for r in repeated)]
+    jobs += [(0, "moe", ec) for ec in plans if ec not in repeated]
     # One unrecorded run of each model first: oneDNN compiles its bf16 kernels on first use, once per process, and
     # that cost would otherwise land on whichever variant happens to run first.
     warm = [(moe, EngineConfig(token_budget=cfg.token_budget, max_running=cfg.max_running), checkpoint)]
@@ -224,7 +224,7 @@ def bench(moe, checkpoint: Path, tok, corpus, dense_engine_model, cfg: BenchConf
         name = run_name(ec) if label == "moe" else "dense.decode-first.resident"
         row = summarize(eng, reqs, name)
         if label == "moe":
-            row["access_file"] = f"access/{name}.r{k}.jsonl" if any(ec is r for r in repeated) else f"access/{name}.jsonl"
+            row["access_file"] = f"access/{name}.r{k}.jsonl" if ec in repeated else f"access/{name}.jsonl"
             eng.write_access_log(out / row["access_file"])
         eng.close()
         rows.setdefault(name, []).append(row)
