@@ -303,7 +303,8 @@ def bench_serve(
     corpus: str = typer.Option("embedded", help=CORPUS_HELP),
     dense: Optional[str] = typer.Option(None, help="dense parent to serve for comparison (default: recorded); 'none'"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    rounds: int = typer.Option(3, help="interleaved repeats of the all-resident runs (the report keeps medians)"),
+    rounds: int = typer.Option(3, help="interleaved repeats of the all-resident runs (the report keeps medians); "
+                                       "with --sweep the capacity-2 cells repeat too (at most twice with --quick)"),
 ):
     """Serve one workload with every scheduler x cache policy x capacity and write the report."""
     from . import backbone
