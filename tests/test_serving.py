@@ -485,7 +485,7 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
         rounds = r["rounds"]["mean_norm_latency_s"]
         assert len(rounds) == 3 and r["mean_norm_latency_s"] == statistics.median(rounds)
         assert r["p95_norm_latency_s"] == statistics.median(r["rounds"]["p95_norm_latency_s"])
-    assert all("rounds" not in r for r in data["runs"] if not any(r is x for x in repeated))
+    assert all("rounds" not in r for r in data["runs"] if r not in repeated)
     bel, lru = (next(x for x in repeated if x["policy"] == p) for p in ("belady", "lru"))
     paired = [b - l for b, l in zip(bel["rounds"]["hit_ratio"], lru["rounds"]["hit_ratio"])]
     assert data["goals"]["belady_minus_lru_points"]["2"] == pytest.approx(100 * statistics.median(paired))
