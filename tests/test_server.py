@@ -336,7 +336,7 @@ def test_a_failing_step_fails_its_requests_not_the_server(live, client, monkeypa
     def broken():
         raise RuntimeError("simulated kernel failure")
 
-    monkeypatch.setattr(live.engine.runner, "step", lambda segs: broken())
+    monkeypatch.setattr(live.engine.runner, "step", lambda segs, order=None: broken())
     r = post(live, "/v1/completions", {"prompt": "abc", "max_tokens": 3})
     assert r.status_code == 503 and "simulated kernel failure" in r.json()["error"]["message"]
     monkeypatch.undo()

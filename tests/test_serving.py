@@ -356,6 +356,34 @@ def test_engine_greedy_equals_generate_alone_and_batched(served, cfg):
     eng.close()
 
 
+@pytest.mark.parametrize("cfg", [dict(capacity=1, policy="lru"), dict(capacity=1, policy="belady", store="host"),
+                                 dict(capacity=1, policy="belady", link_gbps=50.0)])
+def test_a_step_loads_only_the_experts_it_began_without(served, cfg):
+    """A step over more experts than fit runs the resident ones first, so it never evicts an expert it has yet to
+    use only to load it back: each layer loads exactly the step's experts that were not resident when it began."""
+    moe, d = served
+    eng = Engine(moe, EngineConfig(scheduler="decode-first", **cfg), checkpoint=d)
+    store, loads, transfer = eng.cache.store, [], eng.cache.store.transfer
+
+    def record(layer, expert, count=True):  # every load, inline or prefetched, is a transfer
+        loads.append((layer, expert))
+        return transfer(layer, expert, count)
+    store.transfer = record
+    for p in PROMPTS:
+        eng.submit(p, SamplingParams(max_tokens=6))
+    over = 0
+    while eng.has_work():
+        began = [set(res) for res in eng.cache.resident]
+        loads.clear()
+        eng.step()
+        step = eng.access_log[-1]
+        over += len(step) > cfg["capacity"]
+        want = sorted((l, e) for l in range(len(began)) for e in step if e not in began[l])
+        assert sorted(loads) == want
+    assert over > 0  # some steps needed more experts than fit
+    eng.close()
+
+
 def test_prefetch_makes_the_same_loads_as_on_demand_and_link_emulation_takes_time(served):
     import time
 
@@ -838,8 +866,8 @@ def test_resident_expert_aware_schedules_what_decode_first_does(served, monkeypa
             with Engine(moe, EngineConfig(scheduler=sched, token_budget=32, max_running=6)) as eng:
                 real = eng.runner.step
 
-                def step(segs, real=real, clock=clock):
-                    out = real(segs)
+                def step(segs, order=None, real=real, clock=clock):
+                    out = real(segs, order)
                     clock.t += 0.075 + 0.002 * sum(len(s.tokens) for s in segs) + 0.0016 * len(
                         {e for s in segs for e in s.experts})
                     return out

@@ -275,6 +275,8 @@ class Engine:
             segs.append(Segment(c.req.kv, toks, exps, all_logits=prompt_lp))
         age(self.running, {c.req.rid for c in out.chunks})
         order = first_use_order(segs)
+        if self.cfg.capacity is not None:
+            order = self.cache.resident_first(order)  # loads only what is missing (expert_cache.py)
         self.access_log.append(order)
         if self.cache.policy == "belady" and self.cfg.capacity is not None:
             now = {c.req.rid: (len(seg.experts), seg.experts[-1]) for c, seg in zip(out.chunks, segs)}
@@ -283,7 +285,7 @@ class Engine:
         self.cache.ahead = self._ahead
         for l in range(self.cfg.prefetch_depth + 1):  # a no-op without a prefetcher
             self.cache.prefetch(l, order)
-        return segs, self.runner.step(segs)
+        return segs, self.runner.step(segs, order)
 
     def update_from_output(self, out: SchedulerOutput, segs: list[Segment], logits: torch.Tensor) -> list[Request]:
         """Record prompt logprobs, sample a token for every request whose prompt is done, stop, free."""

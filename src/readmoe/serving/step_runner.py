@@ -380,14 +380,15 @@ class StepRunner:
             scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
 
     @torch.no_grad()
-    def step(self, segs: list[Segment]) -> torch.Tensor:
-        """Run every segment's tokens; returns the logits of each segment's last token [S, vocab]."""
+    def step(self, segs: list[Segment], order: list[int] | None = None) -> torch.Tensor:
+        """Run every segment's tokens; returns the logits of each segment's last token [S, vocab]. `order`: the
+        routed experts in the order each layer runs them (default: first use in the flat batch)."""
         lens = [len(s.tokens) for s in segs]
         if any(s.kv.len + n > self.kv.capacity for s, n in zip(segs, lens)):
             raise RuntimeError(f"a sequence outgrew the KV capacity of {self.kv.capacity} tokens")
         ids = torch.tensor([t for s in segs for t in s.tokens], device=self.device)
         eids = torch.tensor([e for s in segs for e in s.experts], device=self.device)
-        order = first_use_order(segs)
+        order = first_use_order(segs) if order is None else order
         pos = torch.cat([torch.arange(s.kv.len, s.kv.len + n) for s, n in zip(segs, lens)]).to(self.device)
         offs = list(itertools.accumulate(lens, initial=0))[:-1]  # each segment's first row in the flat batch
         plan = self._decode_plan(segs, lens, offs)
