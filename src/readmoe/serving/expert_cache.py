@@ -297,8 +297,8 @@ class ExpertCache:
         A layer runs its experts one after another, so the order decides what a load evicts: in a fixed order, a
         step over more experts than fit loads one over an expert it has yet to use and then loads that one back
         (3 experts cycling through 2 slots: 1.5 loads a step). Resident first, it loads only what is missing, each
-        over an expert it has used, and Belady picks which. Every layer makes the same accesses, so layer 0's
-        residents stand for all."""
+        over an expert it has used, and the policy picks which. Every layer makes the same accesses and, under
+        every policy but `random`, the same evictions, so layer 0's residents stand for all."""
         res = self.resident[0] if self.resident else {}
         return [e for e in order if e in res] + [e for e in order if e not in res]
 
