@@ -86,6 +86,13 @@ def test_cost_aware_groups_only_when_experts_are_costly():
     strict = _plan(make_scheduler("expert-aware-strict", 16, 8), queues())
     assert (8, 1) in strict, "Algorithm 1 advances a prompt by one same-expert run"
 
+    # resident experts whose compute costs as much as the sweep's fits on this CPU (12 ms against a 30 ms step): holding
+    # tokens back saves no compute (the expert runs whenever they do), so the plan is still decode-first's
+    compute = StepCostModel(fixed=0.03, per_token=0.0005, per_expert=0.012)
+    lone = lambda: [Q(i, [0], prefill=False, max_tokens=32) for i in range(12)] + [Q(12, [1], prefill=False, max_tokens=32)]  # noqa: E731
+    for q in (queues, lone):  # the lone request on expert 1 is not held back to spare the twelve its compute
+        assert _plan(make_scheduler("expert-aware", 16, 8, compute), q()) == _plan(make_scheduler("decode-first", 16, 8), q())
+
     costly = StepCostModel(fixed=0.05, per_token=0.001, per_expert=0.001)
     costly.load_s = lambda e: 0.0 if e == 0 else 0.5  # expert 0 resident, the others behind a slow link
     plan = make_scheduler("expert-aware", 16, 8, costly).schedule(queues())
@@ -844,9 +851,10 @@ def test_merged_experts_compute_what_shared_plus_routed_do(served, monkeypatch):
 
 
 def test_resident_expert_aware_schedules_what_decode_first_does(served, monkeypatch):
-    """With every expert resident and step times shaped like this CPU's (large fixed cost, small per-expert cost),
-    the cost-aware default runs the same tokens in every step as decode-first, at light load and overloaded: the
-    engine is replayed on a deterministic clock, so any difference would be the scheduler's, not noise."""
+    """With every expert resident the cost-aware default runs the same tokens in every step as decode-first, at
+    light load and overloaded, even where an expert costs a step as much as in the sweep's fits on this CPU (12 ms
+    against a 30 ms fixed cost): holding tokens back saves no compute, only loads. The engine is replayed on a
+    deterministic clock, so any difference would be the scheduler's, not noise."""
     from readmoe.serving import engine as engine_mod
 
     class Clock:  # time advances only by the modelled cost of each step
@@ -857,23 +865,24 @@ def test_resident_expert_aware_schedules_what_decode_first_does(served, monkeypa
 
     moe, _ = served
     rng = random.Random(0)
-    prompts = [[rng.randrange(1, 250) for _ in range(rng.randrange(3, 40))] for _ in range(12)]
+    prompts = [[rng.randrange(1, 250) for _ in range(rng.randrange(3, 40))] for _ in range(16)]
+    lengths = [rng.randrange(4, 24) for _ in prompts]  # short and long requests, as the sweep's 8-48 tokens
     for gap in (0.5, 0.05, 0.0):  # light load, saturation, every request at once
         steps = {}
         for sched in ("decode-first", "expert-aware"):
             clock = Clock()
             monkeypatch.setattr(engine_mod, "time", clock)
-            with Engine(moe, EngineConfig(scheduler=sched, token_budget=32, max_running=6)) as eng:
+            with Engine(moe, EngineConfig(scheduler=sched, token_budget=64, max_running=12)) as eng:
                 real = eng.runner.step
 
                 def step(segs, order=None, real=real, clock=clock):
                     out = real(segs, order)
-                    clock.t += 0.075 + 0.002 * sum(len(s.tokens) for s in segs) + 0.0016 * len(
+                    clock.t += 0.03 + 0.0005 * sum(len(s.tokens) for s in segs) + 0.012 * len(
                         {e for s in segs for e in s.experts})
                     return out
 
                 eng.runner.step = step
-                eng.run([(i * gap, p, SamplingParams(max_tokens=8, ignore_eos=True)) for i, p in enumerate(prompts)])
+                eng.run([(i * gap, p, SamplingParams(max_tokens=n, ignore_eos=True)) for i, (p, n) in enumerate(zip(prompts, lengths))])
                 steps[sched] = [(s.tokens, s.experts) for s in eng.stats.steps]
         assert steps["expert-aware"] == steps["decode-first"] and len(steps["decode-first"]) > 12
 

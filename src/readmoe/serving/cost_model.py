@@ -8,7 +8,8 @@ when resident (its weights read, its matmuls launched); loads are measured apart
 from the store's bandwidth and the cache's state, because they depend on which
 experts are resident, not on how many. The cost-aware scheduler asks it one
 question: does adding this expert to the step cost the batch more than deferring
-its tokens by a step costs them?
+its tokens by a step costs them? (The step's length prices the deferral; only the
+expert's load is on the other side: `deferrable_s`.)
 """
 
 from __future__ import annotations
@@ -53,9 +54,13 @@ class StepCostModel:
     def step_s(self, tokens: int, experts: int) -> float:
         return self.fixed + self.per_token * tokens + self.per_expert * experts
 
-    def expert_s(self, expert: int) -> float:
-        """The extra time one more routed expert adds to a step: its compute plus loading what is not resident."""
-        return self.per_expert + self.load_s(expert)
+    def deferrable_s(self, expert: int) -> float:
+        """What holding an expert's tokens back a step can spare the batch: the expert's load, not its compute.
+        The compute is paid in whichever step the tokens run, and the requests of that batch wait for it just
+        the same (a decode request needs its expert at every token), so only a load can be saved: the expert may
+        be resident by then. Resident experts cost nothing to add, so with every expert resident the cost-aware
+        scheduler batches exactly as decode-first does."""
+        return self.load_s(expert)
 
     def as_dict(self) -> dict:
         return {"fixed_s": self.fixed, "per_token_s": self.per_token, "per_expert_s": self.per_expert,

@@ -12,11 +12,11 @@ arrival. A scheduler returns chunks: (request, n) takes the request's next n tok
   work-conserving: a prompt advances one same-expert run per step.
 - `expert-aware` (the default): work-conserving and cost-aware. Requests are taken in
   decode-first order, each as far as the budget allows, and a token whose expert is
-  not yet in the batch is taken only if the step cost model says adding that expert
-  now (every request in the batch waits for it) costs less than deferring it by one
-  step (every request whose next token needs it waits a step). Where experts are resident
-  and cheap (a CPU) it behaves like decode-first; where they must be loaded over a link it
-  groups hard. Both sides are weighed in normalized latency (latency per output token, the
+  not yet in the batch is taken only if the step cost model says loading that expert
+  now (every request in the batch waits for the load) costs less than deferring it by one
+  step (every request whose next token needs it waits a step). Only a load can be saved
+  by waiting (the expert's compute is paid whenever its tokens run), so with every expert
+  resident it schedules exactly as decode-first; where experts must be loaded it groups. Both sides are weighed in normalized latency (latency per output token, the
   metric serving is judged by): a step of delay costs a request 1/its output length, so a
   short request is not deferred for long ones, and more for each step it has already
   waited (`delay_cost`).
@@ -199,9 +199,9 @@ class ExpertAware(Scheduler):
             new, n = set(), 0
             for e in r.pending_experts[:budget]:
                 if e not in batch and e not in new:
-                    # adding e now makes every request in the batch wait for it; deferring e makes every request
-                    # waiting on e wait a step (e's cost is paid later either way)
-                    if self.cost.expert_s(e) * in_batch > max(delay_cost(r), waiting.get(e, 0.0)) * defer_s:
+                    # loading e now makes every request in the batch wait for it; deferring e makes every request
+                    # waiting on e wait a step (e's compute is paid later either way: cost_model.deferrable_s)
+                    if self.cost.deferrable_s(e) * in_batch > max(delay_cost(r), waiting.get(e, 0.0)) * defer_s:
                         break
                     new.add(e)
                 n += 1
