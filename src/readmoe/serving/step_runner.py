@@ -18,6 +18,7 @@ import mmap
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +134,21 @@ class SeqKV:
         return self.len * self.cache.token_bytes
 
 
+class DecodePlan(NamedTuple):
+    """Where a step's one-token segments go: their rows in the flat batch, KV slots and positions (tensors), the
+    attention mask over slots × positions (None where nothing needs masking), how many slots and positions the
+    attention spans, whether token i holds slot i (no gathering), and the first token's position as an int."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    pos: torch.Tensor
+    allowed: torch.Tensor | None
+    width: int
+    span: int
+    aligned: bool
+    first_pos: int
+
+
 @dataclass
 class Segment:
     kv: SeqKV
@@ -164,11 +180,19 @@ def fused_norm(mod):
     return f if torch.equal(f(x), mod(x)) else mod
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [1, N, heads, d] (HF's `apply_rotary_pos_emb` with rotate_half), so q and k, which lie
-    side by side in the q/k/v matmul's output, rotate in one pass instead of two."""
-    c, s, half = cos[:, :, None], sin[:, :, None], x.shape[-1] // 2
-    return x * c + torch.cat((-x[..., half:], x[..., :half]), -1) * s
+def rope_factors(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's rotary factors for `rope`, made once for every layer: cos, and sin with its first half negated,
+    both [1, N, 1, d] to broadcast over heads."""
+    half = sin.shape[-1] // 2
+    return cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, :, None]
+
+
+def rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [1, N, heads, d] with `rope_factors` (HF's `apply_rotary_pos_emb`), so q and k, which lie
+    side by side in the q/k/v matmul's output, rotate in one pass instead of two. rotate_half(x) * sin is
+    cat(-x2, x1) * sin, that is roll(x) * sin with sin's first half negated: the same products, bit for bit, in
+    two ops fewer per layer."""
+    return x * c + x.roll(x.shape[-1] // 2, -1) * s
 
 
 def first_use_order(segs: list[Segment]) -> list[int]:
@@ -227,7 +251,7 @@ class StepRunner:
         n, d = 5, self.head_dim
         qk, cos, sin = rnd(1, n, self.heads + self.kv_heads, d), rnd(1, n, d), rnd(1, n, d)
         q, k = self.rotate(qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2), cos, sin)
-        both = rope(qk, cos, sin)
+        both = rope(qk, *rope_factors(cos, sin))
         return torch.equal(both[:, :, :self.heads].transpose(1, 2), q) and torch.equal(both[:, :, self.heads:].transpose(1, 2), k)
 
     def packed_bytes(self) -> int:
@@ -341,17 +365,21 @@ class StepRunner:
         if aligned and width == 1:
             allowed = None
         dev = self.device
-        return (torch.tensor([offs[i] for i in dec], device=dev), torch.tensor(slots, device=dev),
-                torch.tensor([segs[i].kv.len for i in dec], device=dev),
-                None if allowed is None else allowed.to(dev), width, span, aligned)
+        return DecodePlan(torch.tensor([offs[i] for i in dec], device=dev), torch.tensor(slots, device=dev),
+                          torch.tensor([segs[i].kv.len for i in dec], device=dev),
+                          None if allowed is None else allowed.to(dev), width, span, aligned, segs[dec[0]].kv.len)
 
-    def _attend_decode(self, l: int, q, k, v, out, plan) -> None:
+    def _attend_decode(self, l: int, q, k, v, out, plan: DecodePlan) -> None:
         """All one-token segments at once: write their K/V into their slots, then one SDPA over the slots in use.
         The query heads sharing a KV head are laid out as that head's query rows, so no KV is repeated."""
-        rows, slots, pos, allowed, width, span, aligned = plan
+        rows, slots, pos, allowed, width, span, aligned, p = plan
         K, V = self.kv.k(l), self.kv.v(l)
         group = self.heads // self.kv_heads
-        if aligned:
+        if aligned and width == 1:  # a lone sequence: its position is a plain view, no index tensors
+            K[0, :, p:p + 1] = k[0]
+            V[0, :, p:p + 1] = v[0]
+            qs = q[0].transpose(0, 1)
+        elif aligned:
             K[slots, :, pos] = k[0].transpose(0, 1)  # [B, kv_heads, d]
             V[slots, :, pos] = v[0].transpose(0, 1)
             qs = q[0].transpose(0, 1)
@@ -395,6 +423,7 @@ class StepRunner:
         chunks = [(s, off, n) for s, off, n in zip(segs, offs, lens) if n > 1]
         h = self.m.embed_tokens(ids)[None]  # [1, N, H]
         cos, sin = self.m.rotary_emb(h, pos[None])
+        rot = rope_factors(cos, sin) if self.rope_qk else None
         N = ids.numel()
         choose = self.merged is not None and len(order) > 1
         self._way = self.merged.chooser.choose(N, len(order)) if choose else GROUPED
@@ -407,7 +436,7 @@ class StepRunner:
             qkv = self.qkv[l](x)
             if self.rope_qk:  # q and k side by side in one rotation
                 nq = self.qkv_sizes[0] + self.qkv_sizes[1]
-                qk = rope(qkv[..., :nq].view(1, N, -1, self.head_dim), cos, sin)
+                qk = rope(qkv[..., :nq].view(1, N, -1, self.head_dim), *rot)
                 q, k = qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2)
                 v = qkv[..., nq:].view(1, N, -1, self.head_dim)
             else:
