@@ -543,6 +543,16 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
           "--policies", "fifo")
 
 
+def test_benchmark_rounds_alternate_which_variant_runs_first():
+    """Interleaved rounds run every variant once per round, and reverse the order every other round, so neither the
+    first run of a round (after another model's) nor the last always falls on the same variant."""
+    from readmoe.serving.bench import interleaved
+
+    jobs = interleaved(["a", "b", "c"], 4)
+    assert [v for _, v in jobs] == list("abccbaabccba")
+    assert [k for k, _ in jobs] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+
+
 @pytest.mark.slow
 def test_cli_bench_serve_sweep(workflow, corpus_dir, tmp_path, monkeypatch, capsys):
     """The quick sweep: every rate x memory setting x scheduler, on-demand behind the link, the dense parent;

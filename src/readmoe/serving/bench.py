@@ -71,6 +71,17 @@ def check_sizes(token_budget: int, max_running: int, max_wait: int, rounds: int,
         raise UserError("`requests` must be >= 1")
 
 
+def round_order(variants: list, k: int) -> list:
+    """Round k's order of the variants: reversed every other round, so drift and whatever a run leaves behind
+    (caches, heat) fall on every variant alike, first and last in turn."""
+    return variants if k % 2 == 0 else variants[::-1]
+
+
+def interleaved(variants: list, rounds: int) -> list[tuple[int, object]]:
+    """(round, variant) for `rounds` rounds of the variants run back to back (`round_order`)."""
+    return [(k, v) for k in range(rounds) for v in round_order(variants, k)]
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     if not xs:
@@ -150,13 +161,12 @@ def matmul_ms(weights: list, dtype: torch.dtype, reps: int = 30) -> float:
 
 
 def batch1_decode(moe, checkpoint, dense, prompt: list[int], rounds: int = 5) -> dict:
-    """The batch-1 decode step, MoE and dense interleaved over `rounds`: medians and the spread of the ratio, and the
+    """The batch-1 decode step, MoE and dense interleaved over `rounds` (`interleaved`): medians and the spread of the ratio, and the
     ratio of their matmuls alone (`bound`: what the step would gain with no other cost)."""
     moe_ms, dense_ms = [], []
-    for _ in range(rounds):
-        moe_ms.append(decode_step_ms(moe, checkpoint, prompt))
-        if dense is not None:
-            dense_ms.append(decode_step_ms(dense, None, prompt))
+    pair = [(moe, checkpoint, moe_ms)] + ([(dense, None, dense_ms)] if dense is not None else [])
+    for _, (model, ckpt, times) in interleaved(pair, rounds):
+        times.append(decode_step_ms(model, ckpt, prompt))
     out = {"moe_ms": statistics.median(m for m, _ in moe_ms), "moe_matmul_ms": statistics.median(m for _, m in moe_ms),
            "rounds": rounds}
     if dense_ms:
@@ -205,7 +215,7 @@ def bench(moe, checkpoint: Path, tok, corpus, dense_engine_model, cfg: BenchConf
                                                               and ec.policy in ("belady", "lru"))]
     resident = [("moe", ec) for ec in repeated]
     resident += [("dense", dense_ec)] if dense_engine_model is not None else []
-    jobs = [(k, label, ec) for k in range(cfg.rounds) for label, ec in resident]
+    jobs = [(k, label, ec) for k, (label, ec) in interleaved(resident, cfg.rounds)]
     jobs += [(0, "moe", ec) for ec in plans if ec not in repeated]
     # One unrecorded run of each model first: oneDNN compiles its bf16 kernels on first use, once per process, and
     # that cost would otherwise land on whichever variant happens to run first.

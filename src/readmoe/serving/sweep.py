@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .. import report
 from ..atomic import atomic_write_json, atomic_write_text
 from ..errors import UserError
-from .bench import check_sizes, goals_markdown, median_row, summarize
+from .bench import check_sizes, goals_markdown, median_row, round_order, summarize
 from .engine import Engine, EngineConfig
 from .request import SamplingParams
 from .scheduler import make_scheduler
@@ -103,12 +103,11 @@ def sweep(moe, checkpoint: Path, tok, corpus, dense, cfg: SweepConfig, out: Path
     plan = []  # (rate factor, model label, scheduler, memory, prefetch override)
     cap_rounds = min(cfg.rounds, cfg.capacity_rounds)
     for f in cfg.rates:  # rate outermost: the variants of one rate run back to back (drift hits them alike)
-        for k in range(cfg.rounds):  # interleaved rounds, the schedulers' order reversed every other round
-            order = cfg.schedulers if k % 2 == 0 else cfg.schedulers[::-1]
-            plan += [(f, "moe", s, "resident", None) for s in order if "resident" in cfg.memory]
-            plan += [(f, "dense", "decode-first", "resident", None)] if dense is not None else []
-            if k < cap_rounds:
-                plan += [(f, "moe", s, m, None) for m in cfg.memory if m != "resident" for s in order]
+        every = [(f, "moe", s, "resident", None) for s in cfg.schedulers if "resident" in cfg.memory]
+        every += [(f, "dense", "decode-first", "resident", None)] if dense is not None else []
+        capped = [(f, "moe", s, m, None) for m in cfg.memory if m != "resident" for s in cfg.schedulers]
+        for k in range(cfg.rounds):  # interleaved rounds, the order reversed every other round
+            plan += round_order(every + (capped if k < cap_rounds else []), k)
         if "cap2-link" in cfg.memory and DEFAULT in cfg.schedulers:
             plan.append((f, "moe", DEFAULT, "cap2-link", False))  # on-demand loading, against auto's choice
     rows: dict[str, list[dict]] = {}
