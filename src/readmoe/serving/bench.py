@@ -161,8 +161,8 @@ def matmul_ms(weights: list, dtype: torch.dtype, reps: int = 30) -> float:
 
 
 def batch1_decode(moe, checkpoint, dense, prompt: list[int], rounds: int = 5) -> dict:
-    """The batch-1 decode step, MoE and dense interleaved over `rounds` (`interleaved`): medians and the spread of the ratio, and the
-    ratio of their matmuls alone (`bound`: what the step would gain with no other cost)."""
+    """The batch-1 decode step, MoE and dense interleaved over `rounds` (`interleaved`): medians and the spread of the
+    ratio, and the ratio of their matmuls alone (`bound`: what the step would gain with no other cost)."""
     moe_ms, dense_ms = [], []
     pair = [(moe, checkpoint, moe_ms)] + ([(dense, None, dense_ms)] if dense is not None else [])
     for _, (model, ckpt, times) in interleaved(pair, rounds):

@@ -16,8 +16,9 @@ arrival. A scheduler returns chunks: (request, n) takes the request's next n tok
   now (every request in the batch waits for the load) costs less than deferring it by one
   step (every request whose next token needs it waits a step). Only a load can be saved
   by waiting (the expert's compute is paid whenever its tokens run), so with every expert
-  resident it schedules exactly as decode-first; where experts must be loaded it groups. Both sides are weighed in normalized latency (latency per output token, the
-  metric serving is judged by): a step of delay costs a request 1/its output length, so a
+  resident it schedules exactly as decode-first; where experts must be loaded it groups.
+  Both sides are weighed in normalized latency (latency per output token, the metric
+  serving is judged by): a step of delay costs a request 1/its output length, so a
   short request is not deferred for long ones, and more for each step it has already
   waited (`delay_cost`).
 
