@@ -6,10 +6,10 @@ model, router, scheduler, expert cache, Belady's lookahead and the emulated link
 model. A step costs fixed + per_token x tokens + per_expert x experts, paced layer by layer so a transfer behind
 the link overlaps the layers it should; a load from disk costs its bytes over the disk's bandwidth, inline (as on
 CPU cores, where prefetch is off). The costs default to the medians of the fits a sweep report holds
-(`cost_model` of each run, and its disk cells' bytes over load time). A replay then repeats to the last bit within
-a process, so two schedulers differ only where their decisions do, and several workloads (seeds) show how far a
-rule's gain depends on which requests share a step. Across processes a workload's cells have moved by up to 5
-points (not traced: a near-tie token, presumably); read the medians. Router time is left out (2 % of a step).
+(`cost_model` of each run, and its disk cells' bytes over load time). A replay then repeats to the last bit, within
+a process and across processes, so two schedulers differ only where their decisions do, and several workloads
+(seeds) show how far a rule's gain depends on which requests share a step. Router time is left out (2 % of a
+step).
 Run: `python benchmarks/schedule_replay.py --model runs/demo/model --out runs/schedule-replay` (about 8 min).
 """
 
@@ -32,6 +32,7 @@ from readmoe.corpus import Corpus
 from readmoe.modeling import load_readme
 from readmoe.serving import engine as engine_mod
 from readmoe.serving import expert_cache as cache_mod
+from readmoe.serving import step_runner as runner_mod
 from readmoe.serving.bench import summarize
 from readmoe.serving.engine import Engine, EngineConfig
 from readmoe.serving.sweep import MEMORY, _scaled
@@ -57,9 +58,11 @@ class ModelledClock:
 
 @contextmanager
 def modelled_time(costs: dict):
-    """The engine and the expert cache on a modelled clock; disk reads cost their bytes over the bandwidth."""
+    """The engine, the expert cache and the step runner on a modelled clock (the runner times its MLP to choose
+    between its ways of computing it, whose results differ in the last bits); disk reads cost their bytes over
+    the bandwidth."""
     clock = ModelledClock()
-    saved = engine_mod.time, cache_mod.time, cache_mod.wait_until, cache_mod.ExpertStore._read
+    saved = engine_mod.time, cache_mod.time, runner_mod.time, cache_mod.wait_until, cache_mod.ExpertStore._read
     read = cache_mod.ExpertStore._read
 
     def _read(store, layer, expert):
@@ -67,13 +70,13 @@ def modelled_time(costs: dict):
         clock.stall += store.nbytes[layer, expert] / (costs["disk_gbps"] * 1e9)
         return ws
 
-    engine_mod.time = cache_mod.time = clock
+    engine_mod.time = cache_mod.time = runner_mod.time = clock
     cache_mod.wait_until = lambda t: clock.sleep(t - clock.perf_counter())
     cache_mod.ExpertStore._read = _read
     try:
         yield clock
     finally:
-        engine_mod.time, cache_mod.time, cache_mod.wait_until, cache_mod.ExpertStore._read = saved
+        engine_mod.time, cache_mod.time, runner_mod.time, cache_mod.wait_until, cache_mod.ExpertStore._read = saved
 
 
 def run(moe, checkpoint, ec: EngineConfig, wl, costs: dict) -> dict:
