@@ -90,7 +90,10 @@ def run(moe, checkpoint, ec: EngineConfig, wl, costs: dict) -> dict:
             clock.base = max(clock.base, step_start[0] + step_cost[0] * layer / layers)
 
         def paced(fn):
-            return lambda layer, *a: (pace(layer), fn(layer, *a))[1]
+            def call(layer, *args):
+                pace(layer)
+                return fn(layer, *args)
+            return call
 
         r.expert_fn = paced(r.expert_fn)
         if r.on_layer is not None:
@@ -150,7 +153,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/demo/model")
     ap.add_argument("--out", default="runs/schedule-replay")
-    ap.add_argument("--costs", default="runs/sweep-quick/report.json", help="a sweep report to take the costs from; "
+    ap.add_argument("--costs", default=None, help="a sweep report to take the costs from (default: "
+                    "runs/sweep-quick/report.json where it exists, else 'builtin'); "
                     "'builtin' for this CPU's usual fits")
     ap.add_argument("--seeds", default="0,1,2,3", help="workloads (the sweep's is seed 0)")
     ap.add_argument("--requests", type=int, default=16)
@@ -159,7 +163,11 @@ def main() -> None:
     ap.add_argument("--schedulers", default="decode-first,expert-aware", help="the first is the baseline")
     ap.add_argument("--jobs", type=int, default=2, help="workloads replayed at once (one core each)")
     a = ap.parse_args()
-    costs = dict(COSTS) if a.costs == "builtin" or not Path(a.costs).exists() else costs_from(Path(a.costs))
+    if a.costs is None:
+        a.costs = "runs/sweep-quick/report.json" if Path("runs/sweep-quick/report.json").exists() else "builtin"
+    if a.costs != "builtin" and not Path(a.costs).is_file():
+        raise SystemExit(f"--costs: no report at {a.costs}; run `make bench-quick` or pass 'builtin'")
+    costs = dict(COSTS) if a.costs == "builtin" else costs_from(Path(a.costs))
     seeds, rates = [int(x) for x in a.seeds.split(",")], [float(x) for x in a.rates.split(",")]
     memory, schedulers = a.memory.split(","), a.schedulers.split(",")
     bad = [m for m in memory if m not in MEMORY]
