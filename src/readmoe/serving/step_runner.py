@@ -27,6 +27,7 @@ from ..backbone import check_supported
 from ..moe import add_routed
 from .merged_experts import ALL, GROUPED, MergedExperts
 from .packed_linear import PackedLinear, linear, pack
+from .stacked import stack_rows
 
 # Linux's flag (Python < 3.12 lacks the constant): map the KV cache without reserving memory for all of it.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
@@ -91,36 +92,6 @@ class Projection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-
-@torch.no_grad()
-def stack_rows(mods: list) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weights (and biases) of linear layers that read the same input, stacked by rows into one matmul; the
-    modules' own weights become views of the stack, so it costs no memory (it matters at 7B), and a later
-    engine on the same model finds it in place. Biases are stacked only when every layer has one (zeros
-    stand in for a missing one)."""
-    ws = [m.weight for m in mods]
-    if _views_of_one(ws):
-        w = ws[0].as_strided((sum(x.shape[0] for x in ws), ws[0].shape[1]), ws[0].stride())
-    else:
-        w, i = torch.cat(ws), 0
-        for m in mods:
-            n = m.weight.shape[0]
-            m.weight.data = w[i:i + n]
-            i += n
-    bs = [m.bias for m in mods]
-    b = None if all(x is None for x in bs) else torch.cat(
-        [x.detach() if x is not None else m.weight.new_zeros(m.weight.shape[0]) for x, m in zip(bs, mods)])
-    return w, b
-
-
-def _views_of_one(ws: list[torch.Tensor]) -> bool:
-    """Whether row-major weights already lie back to back in one storage, in this order."""
-    for a, b in zip(ws, ws[1:]):
-        if not (a.is_contiguous() and b.is_contiguous() and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-                and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()):
-            return False
-    return ws[0].is_contiguous()
 
 
 class SeqKV:
