@@ -19,7 +19,7 @@ per-request expert sequences then drive `readmoe.cluster.simulate` at 1-8 replic
 demo and remapped to 8.
 
     python benchmarks/scaleout.py --model runs/demo/model --out runs/scaleout [--requests 48] [--burst 96]
-        [--repeats 3]
+        [--repeats 3] [--simulate-only]
 """
 
 from __future__ import annotations
@@ -168,6 +168,30 @@ def simulation(reqs: list[dict], outputs: list[list[int]]) -> dict:
     return table
 
 
+def offline_outputs(model: Path, reqs: list[dict]) -> list[list[int]]:
+    """The pre-gated expert of every generated token, from one local engine (greedy, EOS ignored): the same sequences
+    the servers return with `return_experts`, without starting them."""
+    from readmoe import dtype
+    from readmoe.modeling import load_readme
+    from readmoe.serving.engine import Engine
+    from readmoe.serving.request import SamplingParams
+
+    moe, _ = load_readme(str(model), dtype.resolve("auto"))  # the servers' default
+    with Engine(moe, checkpoint=model) as eng:
+        done = eng.run([(0.0, r["prompt"], SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True)) for r in reqs])
+    return [r.output_experts for r in done]
+
+
+def simulation_markdown(sim: dict) -> list[str]:
+    lines = ["## Simulated hit ratio (capacity 2 per replica, load 0.7)", "",
+             "| experts | replicas | " + " | ".join(ROUTES) + " |", "|---|---|" + "---|" * len(ROUTES)]
+    for label, rows in sim.items():
+        for n in sorted({r["replicas"] for r in rows}):
+            hr = {r["route"]: r["hit_ratio"] for r in rows if r["replicas"] == n}
+            lines.append(f"| {label} | {n} | " + " | ".join(f"{100 * hr[k]:.1f} %" for k in ROUTES) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path("runs/demo/model"))
@@ -179,6 +203,8 @@ def main() -> None:
     ap.add_argument("--loads", default="0.5,0.8", help="Poisson rates as fractions of the base rate")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--simulate-only", action="store_true",
+                    help="only the simulated replicas, on expert sequences from a local engine (2 min, no servers)")
     a = ap.parse_args()
     if not (a.model / "config.json").is_file():
         raise SystemExit(f"no model at {a.model}: run `make demo` first, or pass --model DIR")
@@ -194,6 +220,16 @@ def main() -> None:
         raise SystemExit("--requests and --burst must be >= 1")
     pool = workload(a.model, max(a.requests, burst), a.seed)
     reqs, burst_reqs = pool[:a.requests], pool[:burst]
+    if a.simulate_only:
+        from readmoe.atomic import atomic_write_text
+
+        outputs = offline_outputs(a.model, burst_reqs)
+        sim = simulation(burst_reqs, outputs)
+        atomic_write_text(a.out / "simulation.json", json.dumps({"burst": burst, "simulation": sim}, indent=1))
+        text = "\n".join(simulation_markdown(sim)) + "\n"
+        atomic_write_text(a.out / "simulation.md", text)
+        print(text)
+        return
     runs: dict[str, list[dict]] = {v: [] for v in ROUTES + SINGLE}
     rate = a.rate
     variants = ("pow2",) + tuple(v for v in ROUTES + SINGLE if v != "pow2")  # pow2 first: the base rate is its burst
@@ -278,13 +314,7 @@ def markdown(rep: dict) -> str:
     lines += ["", "Against the unpinned one-replica server: " + ", ".join(
         f"{v} {f(rep['summary'][v]['scaling_unpinned'], nd=2)}x" for v in ROUTES)]
     lines += ["", "Router decisions (last round, heaviest load): " + "; ".join(f"{v}: {rep['summary'][v]['decisions']}"
-                                                            for v in ROUTES), "",
-              "## Simulated hit ratio (capacity 2 per replica, load 0.7)", "",
-              "| experts | replicas | " + " | ".join(ROUTES) + " |", "|---|---|" + "---|" * len(ROUTES)]
-    for label, rows in rep["simulation"].items():
-        for n in sorted({r["replicas"] for r in rows}):
-            hr = {r["route"]: r["hit_ratio"] for r in rows if r["replicas"] == n}
-            lines.append(f"| {label} | {n} | " + " | ".join(f"{100 * hr[k]:.1f} %" for k in ROUTES) + " |")
+                                                            for v in ROUTES), ""] + simulation_markdown(rep["simulation"])
     lines += ["", "## Goals", ""] + [f"- {'met' if g['met'] else 'missed'}: {g['goal']} ({g['measured']})"
                                      for g in rep["goals"]]
     return "\n".join(lines) + "\n"

@@ -67,6 +67,17 @@ def test_simulated_affinity_beats_spreading_when_requests_are_domain_pure():
     assert one["affinity"] == one["pow2"], "one replica: routing cannot matter"
 
 
+def test_simulated_replica_runs_a_steps_resident_experts_first_as_the_engine_does():
+    """Capacity 2 holding experts 0 and 1, a step over 2, 0 and 1: the engine runs 0 and 1 (hits), then loads 2.
+    In first-use order 2 would evict 0, 0 evict 1 and 1 evict 2: no hit at all."""
+    from readmoe.cluster.simulate import _Replica
+
+    rep = _Replica(capacity=2)
+    rep.access([0, 1])
+    rep.access([2, 0, 1, 2])
+    assert (rep.hits, rep.accesses) == (2, 5) and set(rep.cache) == {1, 2}
+
+
 def test_remap_keeps_each_requests_concentration():
     reqs = [SimRequest([0, 0, 1], [0, 2])]
     (r,) = remap(reqs, 8, seed=3)

@@ -34,7 +34,10 @@ class _Replica:
     accesses: int = 0
 
     def access(self, experts: list[int]) -> None:
-        for e in dict.fromkeys(experts):  # unique, in first-use order
+        """One step's experts, resident ones first, as the engine runs them (`ExpertCache.resident_first`): a
+        step over more experts than fit then loads only what it lacks, instead of cycling them through the slots."""
+        step = list(dict.fromkeys(experts))
+        for e in [e for e in step if e in self.cache] + [e for e in step if e not in self.cache]:
             self.accesses += 1
             if e in self.cache:
                 self.hits += 1
