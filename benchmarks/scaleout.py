@@ -204,7 +204,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--simulate-only", action="store_true",
-                    help="only the simulated replicas, on expert sequences from a local engine (2 min, no servers)")
+                    help="only the simulated replicas, on expert sequences from a local engine (under a minute, no servers)")
     a = ap.parse_args()
     if not (a.model / "config.json").is_file():
         raise SystemExit(f"no model at {a.model}: run `make demo` first, or pass --model DIR")

@@ -3,8 +3,9 @@
 Prefetch pays only where a copy runs beside compute: a GPU's copy engine, or a link whose
 transfer time can be waited out. On a CPU with no link the loader's memcpy runs on the cores the
 step needs, so `auto` stays off there. Behind the emulated link a prefetch only issues the transfer
-earlier (a copy engine costs no core), so `auto` turns it on. On a GPU, whether it pays depends on the machine and the load (the loader
-thread still takes the GIL), so `auto` measures: it alternates windows of steps with prefetch on and off, keeps the one whose steps
+earlier (a copy engine costs no core), so `auto` turns it on. On a GPU, whether it pays depends on
+the machine and the load (the loader thread still takes the GIL), so `auto` measures: it alternates
+windows of steps with prefetch on and off, keeps the one whose steps
 ran faster relative to the step cost model's prediction for their size (tokens, experts), and
 probes again every `every` steps, since load and batch mix drift. Normalising by the prediction
 matters: a window that happens to hold prompt chunks has more tokens per step, and seconds per
