@@ -5,6 +5,7 @@ leaves no Ray process behind."""
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -315,3 +316,23 @@ def test_a_killed_replica_fails_its_requests_and_the_next_succeed(cluster):
     for _ in range(3):  # sampled with a random seed: ignore_eos, or a drawn EOS would end one early
         out = client.completions.create(model="tiny", prompt="abc", max_tokens=4, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 4
+
+
+def test_scaleout_simulate_only_runs_the_simulation_on_expert_sequences_from_a_local_engine(ckpt):
+    """`benchmarks/scaleout.py --simulate-only`: the expert of every generated token comes from one local engine
+    (greedy, EOS ignored, so as many as asked), and drives the simulated replicas at 1-8 replicas per route."""
+    from scaleout import ROUTES, offline_outputs, simulation
+
+    rng = random.Random(0)
+    reqs = [{"prompt": [rng.randrange(1, 250) for _ in range(rng.randrange(4, 20))], "max_tokens": rng.randrange(3, 9)}
+            for _ in range(6)]
+    for r in reqs:
+        r["prompt_experts"] = [rng.randrange(3) for _ in r["prompt"]]
+    outputs = offline_outputs(ckpt, reqs)
+    assert [len(o) for o in outputs] == [r["max_tokens"] for r in reqs]
+    assert {e for o in outputs for e in o} <= {0, 1, 2} and len({e for o in outputs for e in o}) > 1
+    table = simulation(reqs, outputs)
+    for rows in table.values():
+        assert sorted({(r["replicas"], r["route"]) for r in rows}) == sorted((n, v) for n in (1, 2, 4, 8) for v in ROUTES)
+        one = {r["hit_ratio"] for r in rows if r["replicas"] == 1}
+        assert len(one) == 1, "one replica: routing cannot matter"
