@@ -172,12 +172,10 @@ def offline_outputs(model: Path, reqs: list[dict]) -> list[list[int]]:
     """The pre-gated expert of every generated token, from one local engine (greedy, EOS ignored): the same sequences
     the servers return with `return_experts`, without starting them."""
     from readmoe import dtype
-    from readmoe.modeling import load_readme
     from readmoe.serving.engine import Engine
     from readmoe.serving.request import SamplingParams
 
-    moe, _ = load_readme(str(model), dtype.resolve("auto"))  # the servers' default
-    with Engine(moe, checkpoint=model) as eng:
+    with Engine.from_pretrained(model, dtype=dtype.resolve("auto")) as eng:  # the servers' default dtype
         done = eng.run([(0.0, r["prompt"], SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True)) for r in reqs])
     return [r.output_experts for r in done]
 
