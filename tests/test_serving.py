@@ -733,6 +733,15 @@ def test_packed_bf16_weights_compute_what_plain_weights_do(served, monkeypatch):
         assert eng.packed and eng.cache.store.bytes_loaded == 0
         eng.generate([prompts[0]], SamplingParams(max_tokens=3))
         assert all(isinstance(w, torch.Tensor) for res in eng.cache.resident for ws in res.values() for w in ws)
+    # experts in host memory (behind a link) are packed once by the store and load packed: the same numbers
+    gen = {}
+    for mode in (False, "auto"):
+        with Engine(bf, EngineConfig(capacity=1, store="host", link_gbps=100.0, pack_weights=mode), checkpoint=d) as eng:
+            assert eng.cache.store.packed is (mode == "auto") and ("host store's experts packed" in eng.pack_reason) is eng.packed
+            gen[mode] = [c.output_ids for c in eng.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))]
+            loaded = [w for res in eng.cache.resident for ws in res.values() for w in getattr(ws, "ws", ws)]
+            assert loaded and all(isinstance(w, PackedLinear) is eng.packed for w in loaded if w.shape[0])
+    assert gen["auto"] == gen[False]
 
 
 def test_pregate_decodes_many_slots_as_the_router_does_one_sequence(served):

@@ -131,6 +131,13 @@ class Engine:
         r = self.runner
         self.pregate = PreGate(moe.router, cfg.max_running, r.max_len)
         self.packed, self.pack_reason = resolve_packing(cfg.pack_weights, r.device, r.dtype, r.packed_bytes())
+        # Loaded experts run packed too where the store is host memory on CPU cores (it packs them once, when the
+        # copy fits beside the runner's); resident experts pack as they are warmed
+        store_pack = store.packed_bytes() if self.packed and cfg.capacity is not None else 0
+        if store_pack:
+            ok, why = resolve_packing(cfg.pack_weights, r.device, r.dtype, r.packed_bytes() + store_pack)
+            self.pack_reason += f"; the host store's experts {'packed too' if ok else 'stay plain: ' + why}"
+            store_pack = store_pack if ok else 0
         self.merged, self.merge_reason = resolve_merging(cfg.merge_experts, cfg.capacity, r.merged_bytes(store.nbytes))
         if self.merged:
             r.merge(lambda l, e: store.load(l, e, count=False))
@@ -138,6 +145,8 @@ class Engine:
             self.cache.warm(pack=self.packed)  # every expert resident: no loads while serving
         if self.packed:
             r.pack()
+            if store_pack:
+                store.pack()
         if self.cache.can_prefetch:  # layers 0..depth are issued before the step (execute)
             depth = cfg.prefetch_depth
             self.runner.on_layer = lambda l, order: self.cache.prefetch(l + depth, order)
