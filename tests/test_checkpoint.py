@@ -7,7 +7,7 @@ import torch
 
 from readmoe import rounding
 from readmoe.carve import NotStreamable, ParentCheckpoint, build_model, carve_streaming, domain_sets
-from readmoe.checkpoint import Checkpoint, ShardWriter
+from readmoe.checkpoint import Checkpoint, MapPool, ShardWriter
 from readmoe.modeling import is_routed_key
 from readmoe.serving import Engine, EngineConfig, SamplingParams
 from readmoe.serving.expert_cache import PROJ, ExpertStore
@@ -108,6 +108,30 @@ def sharded(tmp_path_factory):
 
     byte_tokenizer().save_pretrained(d)
     return moe, d
+
+
+def test_map_pool_reuses_a_map_only_once_no_tensor_uses_it_and_unmaps_spare_ones():
+    pool = MapPool(slack=1.5, keep=2.0)
+    a = pool.empty((64, 128), torch.bfloat16)
+    a.fill_(1)
+    ptr = a.data_ptr()
+    view = a[:2]
+    del a
+    b = pool.empty((64, 128), torch.bfloat16)  # a view keeps the map in use: a new one
+    assert (pool.created, pool.reused) == (2, 0) and b.data_ptr() != ptr
+    del view
+    c = pool.empty((60, 128), torch.bfloat16)  # free now, and within the slack
+    assert (pool.created, pool.reused) == (2, 1) and c.data_ptr() == ptr and c.shape == (60, 128)
+    c.fill_(2)
+    assert bool((c == 2).all())
+    del c
+    d = pool.empty((16, 128), torch.bfloat16)  # too small for the free map (over the slack): a new map
+    assert pool.created == 3 and d.data_ptr() != ptr
+    del b, d
+    pool.empty((8, 8), torch.float32)  # every other map is free: spare bytes are cut to keep x the largest request
+    spare = sum(len(m) for m in pool._maps) - 8 * 8 * 4
+    assert spare <= 2.0 * 64 * 128 * 2 and len(pool._maps) < 4
+    assert pool.empty((0, 4), torch.bfloat16).numel() == 0
 
 
 def test_expert_store_reads_each_expert_from_the_shards(sharded):

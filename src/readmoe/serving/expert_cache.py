@@ -21,7 +21,7 @@ from typing import Literal, Sequence, get_args
 
 import torch
 
-from ..checkpoint import mapped_empty
+from ..checkpoint import MapPool
 from ..rounding import cast
 from .packed_linear import pack as pack_weight
 from .stacked import stack_rows
@@ -95,6 +95,7 @@ class ExpertStore:
             if checkpoint is None or not is_checkpoint(checkpoint):
                 raise ValueError("a disk expert store needs the checkpoint directory with its safetensors weights")
             self._ckpt = Checkpoint(checkpoint)  # single-file or sharded; read without a memory map
+            self._maps = MapPool()  # where loaded experts live on a CPU: maps an evicted expert left are reused
         elif kind == "host":
             for l, m in enumerate(model.moe_layers()):
                 for e, ex in enumerate(m.experts):
@@ -137,14 +138,15 @@ class ExpertStore:
     def _read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """From the checkpoint: gate and up read straight into the two halves of one buffer, down into another
         (pinned when an accelerator copies from them), then cast or moved only if the serving dtype or device
-        differs. No memory map, so nothing read stays in the resident set after the cache evicts it."""
+        differs. The file is not memory-mapped, so nothing read stays in the resident set after the cache evicts it;
+        the weights' own maps are recycled (MapPool: a fresh map's page faults cost more than the read)."""
         keys = [expert_key(layer, expert, p) for p in PROJ]
         (n, h), down = self._ckpt.shape(keys[0]), self._ckpt.shape(keys[2])
         stored = self._ckpt.dtype(keys[0])
         if self.device.type == "cuda":
             empty = lambda shape: torch.empty(shape, dtype=stored, pin_memory=True)  # noqa: E731
-        elif stored == self.dtype:  # the buffers are the cached weights: each in its own mapping (mapped_empty)
-            empty = lambda shape: mapped_empty(shape, stored)  # noqa: E731
+        elif stored == self.dtype:  # the buffers are the cached weights: memory maps, recycled (MapPool)
+            empty = lambda shape: self._maps.empty(shape, stored)  # noqa: E731
         else:  # read, then cast into the weights' own mapping
             empty = lambda shape: torch.empty(shape, dtype=stored)  # noqa: E731
         gu = empty((2 * n, h))
@@ -155,7 +157,7 @@ class ExpertStore:
             return gu.to(self.device, non_blocking=True), d.to(self.device, non_blocking=True)
         # cast as the model loader does (rounding.cast: stochastic for fp32 -> bf16/fp16, seeded by the tensor's name)
         if self.device.type == "cpu":
-            out = mapped_empty
+            out = self._maps.empty
         else:
             gu, d = gu.to(self.device, non_blocking=True), d.to(self.device, non_blocking=True)
             out = lambda shape, dtype: torch.empty(shape, dtype=dtype, device=self.device)  # noqa: E731
