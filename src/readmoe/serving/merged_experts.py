@@ -4,7 +4,8 @@ A token runs the shared expert plus its routed one, and a SwiGLU MLP is a sum ov
 `MLP_shared(x) + MLP_e(x)` is one MLP over the union of their neurons. Two merged forms per layer:
 
 - **one**: shared + expert e, for a step whose tokens all use e (every batch-1 decode step): 2 matmuls
-  instead of 4.
+  instead of 4; and in a step over several experts grouped by expert, for each expert's rows: 2 matmuls an
+  expert instead of 2 for the shared expert over every row plus 2 an expert.
 - **all**: shared + every routed expert in one MLP, each token's activations masked to its own neurons
   (shared and its expert's; the rest multiply by 0). A step over k experts runs 2 matmuls instead of
   2 + 2k, with no gather and scatter of rows, but reads every expert and computes every neuron for every
