@@ -42,32 +42,22 @@ def _tensor(m: mmap.mmap, shape: tuple[int, ...], dtype: torch.dtype) -> torch.T
     return torch.frombuffer(m, dtype=dtype, count=math.prod(shape)).view(shape)
 
 
-def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor in its own anonymous memory map, unmapped when the tensor dies.
+class MapPool:
+    """Uninitialised CPU tensors in anonymous memory maps, a map handed out again once no tensor uses it.
 
     For buffers that come and go by the hundred megabytes (an expert cache's loads): from malloc, glibc raises
     its mmap threshold after the first frees and serves them from the heap, which then keeps what they freed;
-    measured on a 1B-shaped engine at capacity 1, that held 1 GB more than the cache ever did at once."""
-    n = math.prod(shape) * dtype.itemsize
-    if n == 0:
-        return torch.empty(shape, dtype=dtype)
-    return _tensor(_new_map(n), shape, dtype)
-
-
-class MapPool:
-    """`mapped_empty` with recycling: a map no tensor uses any more is handed out again.
-
-    A fresh map pays a page fault per page on first write: 0.65 ms of the 1.0 ms an expert of the demo took to
-    load from the checkpoint (reading it from the page cache took 0.15 ms), on every load of an expert cache. A
-    map is free once every tensor on it has died (a tensor holds a reference to its map; CPython's reference
+    measured on a 1B-shaped engine at capacity 1, that held 1 GB more than the cache ever did at once. A fresh
+    map, though, pays a page fault per page on first write: 0.65 ms of the 1.0 ms an expert of the demo took to
+    load from the checkpoint (reading it from the page cache took 0.15 ms), on every load. So maps are recycled:
+    a map is free once every tensor on it has died (a tensor holds a reference to its map; CPython's reference
     count says when none is left). A request takes the smallest free map that holds it and is at most `slack`
     times its size, else a new map; free maps beyond `keep` times the largest request are unmapped, so memory
     still follows what the cache holds."""
 
     def __init__(self, slack: float = 1.5, keep: float = 4.0):
         self.slack, self.keep = slack, keep
-        self._maps: list[mmap.mmap] = []  # by size, ascending
-        self._sizes: list[int] = []
+        self._maps: list[mmap.mmap] = []  # by size (len), ascending
         self._largest = 0
         self.reused = self.created = 0
         self._lock = threading.Lock()
@@ -83,10 +73,10 @@ class MapPool:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
             self._largest = max(self._largest, n)
-            i = bisect.bisect_left(self._sizes, n)
-            while i < len(self._maps) and self._sizes[i] <= self.slack * n and not self._is_free(i):
+            i = bisect.bisect_left(self._maps, n, key=len)
+            while i < len(self._maps) and len(self._maps[i]) <= self.slack * n and not self._is_free(i):
                 i += 1
-            if i < len(self._maps) and self._sizes[i] <= self.slack * n:
+            if i < len(self._maps) and len(self._maps[i]) <= self.slack * n:
                 self.reused += 1
                 return _tensor(self._maps[i], shape, dtype)
             m = _new_map(n)
@@ -94,17 +84,15 @@ class MapPool:
             self.created += 1
             # Spare maps (free, not taken) beyond keep x the largest request are unmapped, the largest first
             spare = [j for j in range(len(self._maps)) if self._is_free(j)]
-            total = sum(self._sizes[j] for j in spare)
+            total = sum(len(self._maps[j]) for j in spare)
             drop = set()
             while spare and total > self.keep * self._largest:
                 j = spare.pop()
-                total -= self._sizes[j]
+                total -= len(self._maps[j])
                 drop.add(j)
                 self._maps[j].close()
-            kept = [(x, k) for j, (x, k) in enumerate(zip(self._maps, self._sizes)) if j not in drop]
-            at = bisect.bisect_left([k for _, k in kept], n)
-            kept.insert(at, (m, n))
-            self._maps, self._sizes = [x for x, _ in kept], [k for _, k in kept]
+            self._maps = [x for j, x in enumerate(self._maps) if j not in drop]
+            bisect.insort(self._maps, m, key=len)
         return t
 
 

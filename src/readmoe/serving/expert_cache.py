@@ -117,7 +117,7 @@ class ExpertStore:
         disk store, or a host store feeding an accelerator, which `pack()` leaves alone)."""
         if self.kind != "host" or self.device.type != "cpu" or self.packed:
             return 0
-        return sum(n for n in self.nbytes.values())
+        return sum(self.nbytes.values())
 
     @torch.no_grad()
     def pack(self) -> None:
