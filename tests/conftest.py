@@ -8,6 +8,14 @@ import pytest
 from helpers import ARCHS, CHAT_TEMPLATE, byte_tokenizer, run, tiny_moe, write_corpus_dir, write_dense_dir
 
 
+@pytest.fixture(autouse=True)
+def expert_copies(tmp_path, monkeypatch):
+    """Expert copies (serving/expert_copy.py) go to the test's temporary directory, not the user's cache."""
+    root = tmp_path / "expert-copies"
+    monkeypatch.setattr("readmoe.serving.expert_copy.copies_root", lambda: root)
+    return root
+
+
 @pytest.fixture(params=list(ARCHS))
 def dense(request):
     return ARCHS[request.param]()

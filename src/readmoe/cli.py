@@ -406,6 +406,10 @@ def serve(
                                                    "tokens use one expert runs 2 matmuls per MLP instead of 4: auto "
                                                    "(every expert resident and the copies fit in 10 % of free memory), "
                                                    "on, off"),
+    expert_copy: str = typer.Option("auto", help="with --store disk, read experts from a copy in the serving dtype "
+                                                 "kept in $READMOE_CACHE (an fp32 checkpoint served in bf16 otherwise "
+                                                 "reads and casts twice the bytes at every load): auto (when it takes "
+                                                 "at most half the free disk space), on, off"),
     token_budget: int = typer.Option(128, help="tokens per engine step (prompt chunks and decode tokens together)"),
     max_running: int = typer.Option(16, help="requests holding a KV cache at once"),
     max_wait: int = typer.Option(8, help="aging bound: steps a queued token may wait"),
@@ -460,12 +464,14 @@ def serve(
         raise UserError(f"unknown --pack-weights '{pack_weights}': use auto, on or off")
     if merge_experts not in modes:
         raise UserError(f"unknown --merge-experts '{merge_experts}': use auto, on or off")
+    if expert_copy not in modes:
+        raise UserError(f"unknown --expert-copy '{expert_copy}': use auto, on or off")
     if merge_experts == "on" and capacity is not None:
         raise UserError("--merge-experts on needs every expert resident: drop --capacity, or use auto")
     cfg = EngineConfig(scheduler=scheduler, token_budget=token_budget, max_running=max_running, max_wait=max_wait,
                        capacity=capacity, policy=policy, prefetch=modes[prefetch], store=store, link_gbps=link_gbps,
                        prefetch_buffer=prefetch_buffer, max_model_len=max_model_len, pack_weights=modes[pack_weights],
-                       merge_experts=modes[merge_experts])
+                       merge_experts=modes[merge_experts], expert_copy=modes[expert_copy])
     dt = _dtype(dtype)
     if replicas > 1 or emit_config is not None:
         if dense:
@@ -511,6 +517,8 @@ def serve(
     packed += ", shared expert merged into each routed one" if engine.merged else ""
     typer.echo(f"serving {model} as '{name}' in {str(dt).removeprefix('torch.')}{packed} on http://{host}:{port}/v1 "
                "(metrics at /metrics); Ctrl-C or SIGTERM drains")
+    if engine.cfg.capacity is not None and engine.cache.store.kind == "disk":
+        typer.echo(f"experts on disk: {engine.cache.store.copy_reason}")
     run_server(app_, host, port, drain_timeout)
     typer.echo("drained; bye")
 

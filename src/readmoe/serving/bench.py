@@ -105,7 +105,7 @@ def summarize(eng: Engine, reqs, name: str) -> dict:
     out = {"name": name, "scheduler": eng.cfg.scheduler, "policy": eng.cfg.policy if cap is not None else "resident",
            "capacity": cap if cap is not None else eng.moe.num_experts, "prefetch": bool(c.can_prefetch and c.enabled),
            "prefetch_reason": eng.prefetch_reason, "packed": eng.packed, "pack_reason": eng.pack_reason,
-           "merged": eng.merged, "merge_reason": eng.merge_reason,
+           "merged": eng.merged, "merge_reason": eng.merge_reason, "copy_reason": eng.cache.store.copy_reason,
            "prefetch_decisions": eng.switch.decisions if eng.switch is not None else [], "cost_model": eng.cost.as_dict(),
            "requests": len(reqs), "generated_tokens": gen, "steps": len(steps)}
     for key, xs in (("norm_latency_s", norm), ("latency_s", e2e), ("ttft_s", ttft)):

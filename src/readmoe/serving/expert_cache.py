@@ -23,7 +23,8 @@ import torch
 
 from ..checkpoint import MapPool
 from ..rounding import cast
-from .packed_linear import pack as pack_weight
+from .expert_copy import resolve_copy
+from .packed_linear import PackMode, pack as pack_weight
 from .stacked import stack_rows
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -75,7 +76,7 @@ class ExpertStore:
     prepacked copy, `pack`)."""
 
     def __init__(self, model, checkpoint: str | Path | None = None, kind: str = "disk", device="cpu",
-                 link_gbps: float | None = None):
+                 link_gbps: float | None = None, copy: PackMode = "auto"):
         self.kind, self.device = kind, torch.device(device)
         self.dtype = next(model.parameters()).dtype  # experts are served in the model's dtype
         # Emulated host->accelerator link: a load takes at least bytes / link_gbps, waited off the compute cores.
@@ -88,6 +89,7 @@ class ExpertStore:
         self.link_gbps = link_gbps
         self.num_layers, self.num_experts = len(model.moe_layers()), model.num_experts
         self._ckpt = None
+        self.copy_reason = "no disk store"
         self._host: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         if kind == "disk":
             from ..checkpoint import Checkpoint, is_checkpoint
@@ -95,6 +97,11 @@ class ExpertStore:
             if checkpoint is None or not is_checkpoint(checkpoint):
                 raise ValueError("a disk expert store needs the checkpoint directory with its safetensors weights")
             self._ckpt = Checkpoint(checkpoint)  # single-file or sharded; read without a memory map
+            keys = [expert_key(l, e, p) for l in range(self.num_layers) for e in range(self.num_experts) for p in PROJ]
+            where, self.copy_reason = resolve_copy(copy, checkpoint, self._ckpt, keys, self.dtype)
+            if where is not None:  # the experts in the serving dtype: half the bytes read, no cast (expert_copy.py)
+                self._ckpt.close()
+                self._ckpt = Checkpoint(where)
             self._maps = MapPool()  # where loaded experts live on a CPU: maps an evicted expert left are reused
         elif kind == "host":
             for l, m in enumerate(model.moe_layers()):

@@ -1,0 +1,106 @@
+"""The routed experts of a checkpoint in the serving dtype, on disk, for a disk expert store to read.
+
+A trained carve is saved in fp32 and served in bf16. Read from the checkpoint itself, every load reads twice the
+bytes it serves and casts them with stochastic rounding (rounding.py): of a demo expert's ~0.9 ms load, 0.33 ms
+reading and 0.38 ms casting, paid again at every reload. The copy is cast once, by the same function with the same
+tensor names (so it holds the very bits a load from the checkpoint would make), and kept in the user cache
+(`$READMOE_CACHE`, default `~/.cache/readmoe`) under a key of the checkpoint files' paths, sizes and modification
+times: a changed checkpoint gets a new copy, and every engine after the first reuses it. It is written shard by
+shard (one shard in memory at a time) into a temporary directory renamed into place, so a killed build leaves
+nothing that looks whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..checkpoint import INDEX, Checkpoint, ShardWriter, is_checkpoint
+from ..errors import UserError
+from ..rounding import cast
+from .packed_linear import PackMode
+
+FORMAT = 1  # bump when the copy's layout or the rounding changes: older copies are then never read
+AUTO_DISK_FRACTION = 0.5  # auto builds the copy when it takes at most this share of the cache's free disk space
+
+
+def copies_root() -> Path:
+    from ..assets import cache_dir
+
+    return cache_dir() / "expert-copies"
+
+
+def copy_dir(checkpoint: str | Path, dtype: torch.dtype) -> Path:
+    """Where the copy of `checkpoint`'s experts in `dtype` lives: keyed by what identifies the checkpoint's weights."""
+    d = Path(checkpoint).resolve()
+    files = [d / INDEX] if (d / INDEX).is_file() else []
+    files += sorted(d.glob("*.safetensors"))
+    ident = [f"{FORMAT}", str(d), str(dtype)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    key = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
+    return copies_root() / f"{d.name}-{str(dtype).removeprefix('torch.')}-{key}"
+
+
+def copy_bytes(ckpt: Checkpoint, keys: Sequence[str], dtype: torch.dtype) -> int:
+    return sum(math.prod(ckpt.shape(k)) for k in keys) * dtype.itemsize
+
+
+def wider(ckpt: Checkpoint, keys: Sequence[str], dtype: torch.dtype) -> bool:
+    """Whether any expert tensor is stored in a wider dtype than it is served in (what a copy would spare)."""
+    return any(ckpt.dtype(k).is_floating_point and ckpt.dtype(k).itemsize > dtype.itemsize for k in keys)
+
+
+def build(ckpt: Checkpoint, keys: Sequence[str], dtype: torch.dtype, out: Path, group: int = 3) -> Path:
+    """Write `keys` of `ckpt` in `dtype` to the checkpoint directory `out` (replaced only once whole); `group`
+    tensors (one expert's projections) are never split across shards."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        w = ShardWriter(tmp)
+        for i in range(0, len(keys), group):
+            w.add({k: cast(ckpt.read(k), dtype, k) for k in keys[i:i + group]})
+        w.close()
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another engine finished the same copy first: keep theirs
+            if not is_checkpoint(out):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_copy(mode: PackMode, checkpoint: str | Path, ckpt: Checkpoint, keys: Sequence[str],
+                 dtype: torch.dtype) -> tuple[Path | None, str]:
+    """(the copy's directory, or None to read the checkpoint itself; why). Builds the copy if it is missing."""
+    if mode not in (True, False, "auto"):
+        raise UserError(f"expert_copy must be auto, on or off, not '{mode}'")
+    if mode is False:
+        return None, "set explicitly: experts are read from the checkpoint"
+    if not wider(ckpt, keys, dtype):
+        return None, f"the checkpoint's experts are already in {str(dtype).removeprefix('torch.')}: read as stored"
+    out = copy_dir(checkpoint, dtype)
+    if is_checkpoint(out):
+        return out, f"reused the {str(dtype).removeprefix('torch.')} copy in {out}"
+    need = copy_bytes(ckpt, keys, dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if mode == "auto" and need > AUTO_DISK_FRACTION * free:
+        return None, (f"auto: a {need / 1e9:.1f} GB copy would take over {AUTO_DISK_FRACTION:.0%} of the "
+                      f"{free / 1e9:.1f} GB free under {out.parent}: experts are cast on every load")
+    try:
+        build(ckpt, keys, dtype, out)
+    except OSError as e:
+        if mode is True:
+            raise UserError(f"could not write the experts' {dtype} copy to {out.parent} ({e.strerror or e}): free "
+                            f"{need / 1e9:.1f} GB there, point READMOE_CACHE elsewhere, or use --expert-copy off") from None
+        return None, f"auto: writing the copy failed ({e.strerror or e}): experts are cast on every load"
+    return out, f"built a {need / 1e9:.2f} GB {str(dtype).removeprefix('torch.')} copy in {out}"
