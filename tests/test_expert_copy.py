@@ -86,7 +86,7 @@ def test_no_copy_where_it_spares_nothing_or_does_not_fit(tmp_path, expert_copies
     assert not expert_copies.exists() or not any(expert_copies.iterdir())
     gu, _ = store.load(0, 0)
     assert gu.dtype == torch.bfloat16  # still served, cast on load
-    with pytest.raises(UserError, match="expert_copy must be auto, on or off"):
+    with pytest.raises(UserError, match="`expert_copy` must be auto, on or off"):
         ExpertStore(bf16, d, "disk", copy="yes")
 
 
@@ -101,7 +101,7 @@ def test_a_failed_build_leaves_nothing_and_on_says_what_to_fix(tmp_path, expert_
     store = ExpertStore(moe, d, "disk")
     assert "writing the copy failed (No space left on device)" in store.copy_reason
     assert not any(expert_copies.iterdir())  # the temporary directory is gone
-    with pytest.raises(UserError, match="could not write the experts' .* copy .*--expert-copy off"):
+    with pytest.raises(UserError, match="could not write the experts' .* copy .*`expert_copy` off"):
         ExpertStore(moe, d, "disk", copy=True)
 
 

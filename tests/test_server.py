@@ -328,6 +328,7 @@ def test_cli_serve_without_a_model_is_one_line(tmp_path, monkeypatch, capsys):
     fails(monkeypatch, capsys, "--port", "serve", "--model", tmp_path, "--port", "70000")
     fails(monkeypatch, capsys, "--pack-weights", "serve", "--model", tmp_path, "--pack-weights", "always")
     fails(monkeypatch, capsys, "--merge-experts", "serve", "--model", tmp_path, "--merge-experts", "yes")
+    fails(monkeypatch, capsys, "--expert-copy", "serve", "--model", tmp_path, "--expert-copy", "always")
     fails(monkeypatch, capsys, "drop --capacity", "serve", "--model", tmp_path, "--merge-experts", "on", "--capacity", "2")
     fails(monkeypatch, capsys, "--prefetch-buffer", "serve", "--model", tmp_path, "--prefetch-buffer", "-1")
 

@@ -82,7 +82,7 @@ def resolve_copy(mode: PackMode, checkpoint: str | Path, ckpt: Checkpoint, keys:
                  dtype: torch.dtype) -> tuple[Path | None, str]:
     """(the copy's directory, or None to read the checkpoint itself; why). Builds the copy if it is missing."""
     if mode not in (True, False, "auto"):
-        raise UserError(f"expert_copy must be auto, on or off, not '{mode}'")
+        raise UserError(f"`expert_copy` must be auto, on or off, not '{mode}'")
     if mode is False:
         return None, "set explicitly: experts are read from the checkpoint"
     if not wider(ckpt, keys, dtype):
@@ -101,6 +101,6 @@ def resolve_copy(mode: PackMode, checkpoint: str | Path, ckpt: Checkpoint, keys:
     except OSError as e:
         if mode is True:
             raise UserError(f"could not write the experts' {dtype} copy to {out.parent} ({e.strerror or e}): free "
-                            f"{need / 1e9:.1f} GB there, point READMOE_CACHE elsewhere, or use --expert-copy off") from None
+                            f"{need / 1e9:.1f} GB there, point READMOE_CACHE elsewhere, or set `expert_copy` off") from None
         return None, f"auto: writing the copy failed ({e.strerror or e}): experts are cast on every load"
     return out, f"built a {need / 1e9:.2f} GB {str(dtype).removeprefix('torch.')} copy in {out}"
