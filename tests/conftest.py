@@ -3,16 +3,31 @@ and a calibrated + carved workflow. The helpers they use live in helpers.py."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from helpers import ARCHS, CHAT_TEMPLATE, byte_tokenizer, run, tiny_moe, write_corpus_dir, write_dense_dir
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
+def _expert_copies_off_the_user_cache(tmp_path_factory):
+    """Expert copies (serving/expert_copy.py) made by any test, module fixtures and server subprocesses included,
+    go to a temporary directory, not the user's cache."""
+    old = os.environ.get("READMOE_EXPERT_COPIES")
+    os.environ["READMOE_EXPERT_COPIES"] = str(tmp_path_factory.mktemp("expert-copies"))
+    yield
+    if old is None:
+        os.environ.pop("READMOE_EXPERT_COPIES")
+    else:
+        os.environ["READMOE_EXPERT_COPIES"] = old
+
+
+@pytest.fixture
 def expert_copies(tmp_path, monkeypatch):
-    """Expert copies (serving/expert_copy.py) go to the test's temporary directory, not the user's cache."""
+    """This test's own directory for expert copies."""
     root = tmp_path / "expert-copies"
-    monkeypatch.setattr("readmoe.serving.expert_copy.copies_root", lambda: root)
+    monkeypatch.setenv("READMOE_EXPERT_COPIES", str(root))
     return root
 
 

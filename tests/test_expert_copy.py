@@ -54,7 +54,7 @@ def test_copy_holds_the_bits_a_load_from_the_checkpoint_makes_and_is_built_once(
     c.close()
 
 
-def test_a_changed_checkpoint_gets_a_new_copy(tmp_path):
+def test_a_changed_checkpoint_gets_a_new_copy_which_replaces_the_old(tmp_path, expert_copies):
     d = save(tiny_moe(), tmp_path / "moe")
     moe, _ = load_readme(str(d), torch.bfloat16, routed=False)
     before = loads(ExpertStore(moe, d, "disk"))
@@ -64,8 +64,13 @@ def test_a_changed_checkpoint_gets_a_new_copy(tmp_path):
             p.mul_(1.5)
     save(other, d)
     os.utime(d / "model.safetensors", ns=(1, 1))  # even if the rewrite kept the old size and time
+    first = [p.name for p in expert_copies.iterdir()]
+    other_dir = save(tiny_moe(), tmp_path / "other" / "moe")  # same name, another directory: its copy stays
+    ExpertStore(moe, other_dir, "disk")
     store = ExpertStore(moe, d, "disk")
-    assert store.copy_reason.startswith("built")
+    assert store.copy_reason.startswith("built") and "removed 1 older copy" in store.copy_reason
+    names = {p.name for p in expert_copies.iterdir()}
+    assert len(names) == 2 and first[0] not in names
     after, plain = loads(store), loads(ExpertStore(moe, d, "disk", copy=False))
     assert all(torch.equal(after[k][0], plain[k][0]) for k in plain)
     assert not all(torch.equal(after[k][0], before[k][0]) for k in plain)

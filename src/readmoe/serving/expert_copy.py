@@ -4,14 +4,16 @@ A trained carve is saved in fp32 and served in bf16. Read from the checkpoint it
 bytes it serves and casts them with stochastic rounding (rounding.py): of a demo expert's ~0.9 ms load, 0.33 ms
 reading and 0.38 ms casting, paid again at every reload. The copy is cast once, by the same function with the same
 tensor names (so it holds the very bits a load from the checkpoint would make), and kept in the user cache
-(`$READMOE_CACHE`, default `~/.cache/readmoe`) under a key of the checkpoint files' paths, sizes and modification
-times: a changed checkpoint gets a new copy, and every engine after the first reuses it. It is written shard by
+(`$READMOE_EXPERT_COPIES`, else `expert-copies` under `$READMOE_CACHE`, default `~/.cache/readmoe`) under a key of the checkpoint files' paths, sizes and modification
+times: a changed checkpoint gets a new copy (which replaces the old one), and every engine after the first
+reuses it. It is written shard by
 shard (one shard in memory at a time) into a temporary directory renamed into place, so a killed build leaves
 nothing that looks whole.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import math
 import os
@@ -32,19 +34,41 @@ AUTO_DISK_FRACTION = 0.5  # auto builds the copy when it takes at most this shar
 
 
 def copies_root() -> Path:
+    """`$READMOE_EXPERT_COPIES` (say, a faster disk than the cache's), else `expert-copies` in the user cache."""
     from ..assets import cache_dir
 
-    return cache_dir() / "expert-copies"
+    where = os.environ.get("READMOE_EXPERT_COPIES")
+    return Path(where).expanduser() if where else cache_dir() / "expert-copies"
+
+
+def _h(text: str, n: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
 def copy_dir(checkpoint: str | Path, dtype: torch.dtype) -> Path:
-    """Where the copy of `checkpoint`'s experts in `dtype` lives: keyed by what identifies the checkpoint's weights."""
+    """Where the copy of `checkpoint`'s experts in `dtype` lives: `<name>-<path key>-<dtype>-<weights key>`, the last
+    key from what identifies the checkpoint's weights (every copy of one directory shares the name's head)."""
     d = Path(checkpoint).resolve()
     files = [d / INDEX] if (d / INDEX).is_file() else []
     files += sorted(d.glob("*.safetensors"))
-    ident = [f"{FORMAT}", str(d), str(dtype)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
-    key = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
-    return copies_root() / f"{d.name}-{str(dtype).removeprefix('torch.')}-{key}"
+    ident = "\n".join([f"{FORMAT}"] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files])
+    return copies_root() / f"{_stem(d, dtype)}-{_h(ident, 16)}"
+
+
+def _stem(d: Path, dtype: torch.dtype) -> str:
+    return f"{d.name}-{_h(str(d), 8)}-{str(dtype).removeprefix('torch.')}"
+
+
+def prune(out: Path) -> int:
+    """Remove the older copies of the checkpoint `out` copies (same directory, same dtype; its weights since
+    changed): retraining or re-carving into one directory would otherwise pile copies up in the cache. An engine
+    still reading one keeps its open files (POSIX), so this is safe while older servers run."""
+    stem, n = out.name.rsplit("-", 1)[0], 0
+    for old in out.parent.glob(f"{glob.escape(stem)}-*"):
+        if old != out and old.is_dir() and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+            n += 1
+    return n
 
 
 def copy_bytes(ckpt: Checkpoint, keys: Sequence[str], dtype: torch.dtype) -> int:
@@ -98,9 +122,11 @@ def resolve_copy(mode: PackMode, checkpoint: str | Path, ckpt: Checkpoint, keys:
                       f"{free / 1e9:.1f} GB free under {out.parent}: experts are cast on every load")
     try:
         build(ckpt, keys, dtype, out)
+        pruned = prune(out)
     except OSError as e:
         if mode is True:
             raise UserError(f"could not write the experts' {dtype} copy to {out.parent} ({e.strerror or e}): free "
                             f"{need / 1e9:.1f} GB there, point READMOE_CACHE elsewhere, or set `expert_copy` off") from None
         return None, f"auto: writing the copy failed ({e.strerror or e}): experts are cast on every load"
-    return out, f"built a {need / 1e9:.2f} GB {str(dtype).removeprefix('torch.')} copy in {out}"
+    gone = f" (removed {pruned} older cop{'y' if pruned == 1 else 'ies'} of this checkpoint)" if pruned else ""
+    return out, f"built a {need / 1e9:.2f} GB {str(dtype).removeprefix('torch.')} copy in {out}{gone}"
