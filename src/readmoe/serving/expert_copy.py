@@ -126,7 +126,7 @@ def resolve_copy(mode: PackMode, checkpoint: str | Path, ckpt: Checkpoint, keys:
     except OSError as e:
         if mode is True:
             raise UserError(f"could not write the experts' {dtype} copy to {out.parent} ({e.strerror or e}): free "
-                            f"{need / 1e9:.1f} GB there, point READMOE_CACHE elsewhere, or set `expert_copy` off") from None
+                            f"{need / 1e9:.1f} GB there, point READMOE_EXPERT_COPIES elsewhere, or set `expert_copy` off") from None
         return None, f"auto: writing the copy failed ({e.strerror or e}): experts are cast on every load"
     gone = f" (removed {pruned} older cop{'y' if pruned == 1 else 'ies'} of this checkpoint)" if pruned else ""
     return out, f"built a {need / 1e9:.2f} GB {str(dtype).removeprefix('torch.')} copy in {out}{gone}"
