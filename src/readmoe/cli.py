@@ -407,9 +407,10 @@ def serve(
                                                    "(every expert resident and the copies fit in 10 % of free memory), "
                                                    "on, off"),
     expert_copy: str = typer.Option("auto", help="with --store disk, read experts from a copy in the serving dtype "
-                                                 "kept in $READMOE_EXPERT_COPIES or $READMOE_CACHE (an fp32 checkpoint served in bf16 otherwise "
-                                                 "reads and casts twice the bytes at every load): auto (when it takes "
-                                                 "at most half the free disk space), on, off"),
+                                                 "kept in $READMOE_EXPERT_COPIES or $READMOE_CACHE (an fp32 "
+                                                 "checkpoint served in bf16 otherwise reads and casts twice the bytes "
+                                                 "at every load): auto (when it takes at most half the free disk "
+                                                 "space), on, off"),
     token_budget: int = typer.Option(128, help="tokens per engine step (prompt chunks and decode tokens together)"),
     max_running: int = typer.Option(16, help="requests holding a KV cache at once"),
     max_wait: int = typer.Option(8, help="aging bound: steps a queued token may wait"),

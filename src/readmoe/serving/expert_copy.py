@@ -3,12 +3,11 @@
 A trained carve is saved in fp32 and served in bf16. Read from the checkpoint itself, every load reads twice the
 bytes it serves and casts them with stochastic rounding (rounding.py): of a demo expert's ~0.9 ms load, 0.33 ms
 reading and 0.38 ms casting, paid again at every reload. The copy is cast once, by the same function with the same
-tensor names (so it holds the very bits a load from the checkpoint would make), and kept in the user cache
-(`$READMOE_EXPERT_COPIES`, else `expert-copies` under `$READMOE_CACHE`, default `~/.cache/readmoe`) under a key of the checkpoint files' paths, sizes and modification
-times: a changed checkpoint gets a new copy (which replaces the old one), and every engine after the first
-reuses it. It is written shard by
-shard (one shard in memory at a time) into a temporary directory renamed into place, so a killed build leaves
-nothing that looks whole.
+tensor names (so it holds the very bits a load from the checkpoint would make), and kept in `$READMOE_EXPERT_COPIES`
+or else `expert-copies` in the user cache (`$READMOE_CACHE`, default `~/.cache/readmoe`), under a key of the
+checkpoint's path and its files' sizes and modification times: a changed checkpoint gets a new copy, which replaces
+the old one, and every engine after the first reuses it. It is written shard by shard (one shard in memory at a
+time) into a temporary directory renamed into place, so a killed build leaves nothing that looks whole.
 """
 
 from __future__ import annotations
@@ -45,6 +44,10 @@ def _h(text: str, n: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
+def _stem(d: Path, dtype: torch.dtype) -> str:
+    return f"{d.name}-{_h(str(d), 8)}-{str(dtype).removeprefix('torch.')}"
+
+
 def copy_dir(checkpoint: str | Path, dtype: torch.dtype) -> Path:
     """Where the copy of `checkpoint`'s experts in `dtype` lives: `<name>-<path key>-<dtype>-<weights key>`, the last
     key from what identifies the checkpoint's weights (every copy of one directory shares the name's head)."""
@@ -55,13 +58,9 @@ def copy_dir(checkpoint: str | Path, dtype: torch.dtype) -> Path:
     return copies_root() / f"{_stem(d, dtype)}-{_h(ident, 16)}"
 
 
-def _stem(d: Path, dtype: torch.dtype) -> str:
-    return f"{d.name}-{_h(str(d), 8)}-{str(dtype).removeprefix('torch.')}"
-
-
 def prune(out: Path) -> int:
-    """Remove the older copies of the checkpoint `out` copies (same directory, same dtype; its weights since
-    changed): retraining or re-carving into one directory would otherwise pile copies up in the cache. An engine
+    """Remove the other copies of the directory and dtype that `out` copies (made before its weights changed):
+    retraining or re-carving into one directory would otherwise pile copies up in the cache. An engine
     still reading one keeps its open files (POSIX), so this is safe while older servers run."""
     stem, n = out.name.rsplit("-", 1)[0], 0
     for old in out.parent.glob(f"{glob.escape(stem)}-*"):
