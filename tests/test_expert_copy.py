@@ -121,3 +121,19 @@ def test_engine_reads_the_copy_only_where_experts_are_loaded_while_serving(tmp_p
         assert [len(r.output_ids) for r in got] == [6, 6]
     with Engine.from_pretrained(d, EngineConfig(), dtype=torch.bfloat16) as eng:  # all resident: each read once
         assert eng.cache.store.copy_reason.startswith("auto: every expert resident")
+
+
+def test_a_copy_in_shards_is_read_like_one_file(tmp_path, expert_copies):
+    """A parent-size copy is written in 1 GB shards with an index; the store reads it the same way."""
+    d = save(tiny_moe(), tmp_path / "moe")
+    moe, _ = load_readme(str(d), torch.bfloat16, routed=False)
+    plain = ExpertStore(moe, d, "disk", copy=False)
+    keys = [expert_key(l, e, p) for l in range(plain.num_layers) for e in range(plain.num_experts)
+            for p in ("gate_proj", "up_proj", "down_proj")]
+    out = expert_copy.build(plain._ckpt, keys, torch.bfloat16, expert_copy.copy_dir(d, torch.bfloat16),
+                            max_shard_bytes=4096)
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+    store = ExpertStore(moe, d, "disk")
+    assert store.copy_reason.startswith("reused")
+    want, got = loads(plain), loads(store)
+    assert all(torch.equal(got[k][0], want[k][0]) and torch.equal(got[k][1], want[k][1]) for k in want)

@@ -79,13 +79,14 @@ def wider(ckpt: Checkpoint, keys: Sequence[str], dtype: torch.dtype) -> bool:
     return any(ckpt.dtype(k).is_floating_point and ckpt.dtype(k).itemsize > dtype.itemsize for k in keys)
 
 
-def build(ckpt: Checkpoint, keys: Sequence[str], dtype: torch.dtype, out: Path, group: int = 3) -> Path:
+def build(ckpt: Checkpoint, keys: Sequence[str], dtype: torch.dtype, out: Path, group: int = 3,
+          max_shard_bytes: int = 1 << 30) -> Path:
     """Write `keys` of `ckpt` in `dtype` to the checkpoint directory `out` (replaced only once whole); `group`
     tensors (one expert's projections) are never split across shards."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        w = ShardWriter(tmp)
+        w = ShardWriter(tmp, max_shard_bytes)
         for i in range(0, len(keys), group):
             w.add({k: cast(ckpt.read(k), dtype, k) for k in keys[i:i + group]})
         w.close()
