@@ -4,6 +4,7 @@ keyed to the checkpoint, never half-written, and skipped where it would spare no
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -137,3 +138,24 @@ def test_a_copy_in_shards_is_read_like_one_file(tmp_path, expert_copies):
     assert store.copy_reason.startswith("reused")
     want, got = loads(plain), loads(store)
     assert all(torch.equal(got[k][0], want[k][0]) and torch.equal(got[k][1], want[k][1]) for k in want)
+
+
+def test_the_copy_of_a_deleted_checkpoint_goes_when_another_engine_resolves_its_copy(tmp_path, expert_copies):
+    """A copy names its checkpoint (SOURCE); once that directory holds no checkpoint the copy is removed, whichever
+    checkpoint is served next. Copies that name no source (made by hand) and live checkpoints' copies stay."""
+    a, b = save(tiny_moe(), tmp_path / "a"), save(tiny_moe(), tmp_path / "b")
+    moe, _ = load_readme(str(a), torch.bfloat16, routed=False)
+    ExpertStore(moe, a, "disk").close()
+    ExpertStore(moe, b, "disk").close()
+    copy_a, copy_b = (expert_copy.copy_dir(d, torch.bfloat16) for d in (a, b))
+    assert (copy_a / expert_copy.SOURCE).read_text().strip() == str(a.resolve())
+    unnamed = expert_copies / "by-hand"
+    shutil.copytree(copy_b, unnamed)
+    (unnamed / expert_copy.SOURCE).unlink()
+    shutil.rmtree(a)
+    store = ExpertStore(moe, b, "disk")
+    assert store.copy_reason.startswith("reused") and "removed 1 copy of deleted checkpoints" in store.copy_reason
+    assert not copy_a.exists() and is_checkpoint(copy_b) and is_checkpoint(unnamed)
+    again = ExpertStore(moe, b, "disk")
+    assert "removed" not in again.copy_reason
+    store.close(), again.close()

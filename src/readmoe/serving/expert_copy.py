@@ -7,7 +7,9 @@ tensor names (so it holds the very bits a load from the checkpoint would make), 
 or else `expert-copies` in the user cache (`$READMOE_CACHE`, default `~/.cache/readmoe`), under a key of the
 checkpoint's path and its files' sizes and modification times: a changed checkpoint gets a new copy, which replaces
 the old one, and every engine after the first reuses it. It is written shard by shard (one shard in memory at a
-time) into a temporary directory renamed into place, so a killed build leaves nothing that looks whole.
+time) into a temporary directory renamed into place, so a killed build leaves nothing that looks whole. Each copy
+names its checkpoint in a `SOURCE` file, so the copy of a checkpoint since deleted is removed the next time any
+engine resolves its own copy (a 7B carve's copy is 13 GB: a cache should not outlive what it caches).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from ..errors import UserError
 from ..rounding import cast
 from .packed_linear import PackMode
 
-FORMAT = 1  # bump when the copy's layout or the rounding changes: older copies are then never read
+FORMAT = 2  # bump when the copy's layout or the rounding changes: older copies are then never read (2: SOURCE)
 AUTO_DISK_FRACTION = 0.5  # auto builds the copy when it takes at most this share of the cache's free disk space
+SOURCE = "SOURCE"  # in each copy: the checkpoint directory it copies
 
 
 def copies_root() -> Path:
@@ -70,6 +73,23 @@ def prune(out: Path) -> int:
     return n
 
 
+def prune_orphans(root: Path) -> int:
+    """Remove the copies whose checkpoint directory no longer holds a checkpoint (deleted, or moved: a moved one gets
+    a new copy, keyed by its new path). Copies without a `SOURCE` and temporary directories are left alone."""
+    n = 0
+    for d in root.glob("*") if root.is_dir() else ():
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        try:
+            src = (d / SOURCE).read_text().strip()
+        except OSError:
+            continue
+        if src and not is_checkpoint(src):
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+    return n
+
+
 def copy_bytes(ckpt: Checkpoint, keys: Sequence[str], dtype: torch.dtype) -> int:
     return sum(math.prod(ckpt.shape(k)) for k in keys) * dtype.itemsize
 
@@ -80,9 +100,10 @@ def wider(ckpt: Checkpoint, keys: Sequence[str], dtype: torch.dtype) -> bool:
 
 
 def build(ckpt: Checkpoint, keys: Sequence[str], dtype: torch.dtype, out: Path, group: int = 3,
-          max_shard_bytes: int = 1 << 30) -> Path:
+          max_shard_bytes: int = 1 << 30, source: str | Path | None = None) -> Path:
     """Write `keys` of `ckpt` in `dtype` to the checkpoint directory `out` (replaced only once whole); `group`
-    tensors (one expert's projections) are never split across shards."""
+    tensors (one expert's projections) are never split across shards. `source`: the checkpoint directory, recorded
+    so that `prune_orphans` can tell when it is gone."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -90,6 +111,8 @@ def build(ckpt: Checkpoint, keys: Sequence[str], dtype: torch.dtype, out: Path, 
         for i in range(0, len(keys), group):
             w.add({k: cast(ckpt.read(k), dtype, k) for k in keys[i:i + group]})
         w.close()
+        if source is not None:
+            (tmp / SOURCE).write_text(f"{Path(source).resolve()}\n")
         try:
             os.replace(tmp, out)
         except OSError:  # another engine finished the same copy first: keep theirs
@@ -112,8 +135,9 @@ def resolve_copy(mode: PackMode, checkpoint: str | Path, ckpt: Checkpoint, keys:
     if not wider(ckpt, keys, dtype):
         return None, f"the checkpoint's experts are already in {str(dtype).removeprefix('torch.')}: read as stored"
     out = copy_dir(checkpoint, dtype)
+    orphans = prune_orphans(out.parent)
     if is_checkpoint(out):
-        return out, f"reused the {str(dtype).removeprefix('torch.')} copy in {out}"
+        return out, f"reused the {str(dtype).removeprefix('torch.')} copy in {out}{_removed(0, orphans)}"
     need = copy_bytes(ckpt, keys, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
@@ -121,12 +145,17 @@ def resolve_copy(mode: PackMode, checkpoint: str | Path, ckpt: Checkpoint, keys:
         return None, (f"auto: a {need / 1e9:.1f} GB copy would take over {AUTO_DISK_FRACTION:.0%} of the "
                       f"{free / 1e9:.1f} GB free under {out.parent}: experts are cast on every load")
     try:
-        build(ckpt, keys, dtype, out)
+        build(ckpt, keys, dtype, out, source=checkpoint)
         pruned = prune(out)
     except OSError as e:
         if mode is True:
             raise UserError(f"could not write the experts' {dtype} copy to {out.parent} ({e.strerror or e}): free "
                             f"{need / 1e9:.1f} GB there, point READMOE_EXPERT_COPIES elsewhere, or set `expert_copy` off") from None
         return None, f"auto: writing the copy failed ({e.strerror or e}): experts are cast on every load"
-    gone = f" (removed {pruned} older cop{'y' if pruned == 1 else 'ies'} of this checkpoint)" if pruned else ""
-    return out, f"built a {need / 1e9:.2f} GB {str(dtype).removeprefix('torch.')} copy in {out}{gone}"
+    return out, f"built a {need / 1e9:.2f} GB {str(dtype).removeprefix('torch.')} copy in {out}{_removed(pruned, orphans)}"
+
+
+def _removed(older: int, orphans: int) -> str:
+    what = [f"{older} older cop{'y' if older == 1 else 'ies'} of this checkpoint"] if older else []
+    what += [f"{orphans} cop{'y' if orphans == 1 else 'ies'} of deleted checkpoints"] if orphans else []
+    return f" (removed {' and '.join(what)})" if what else ""
