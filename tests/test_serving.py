@@ -507,8 +507,12 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
     data = json.loads((out / "report.json").read_text())
     keys = {"scheduler", "policy", "capacity", "prefetch", "mean_norm_latency_s", "p95_norm_latency_s",
             "p99_norm_latency_s", "unique_experts_per_batch", "hit_ratio", "optimal_hit_ratio", "tokens_per_s", "access_file"}
-    n = len(SCHEDULERS)  # each resident, each at capacity 2 with lru and belady, and expert-aware on demand
-    assert len(data["runs"]) == n + n * 2 + 1 and all(keys <= set(r) for r in data["runs"])
+    n = len(SCHEDULERS)  # each resident, each at capacity 2 with lru and belady, and expert-aware on demand; and
+    extra = [c for c in (3, 4) if c < data["settings"]["experts"]]  # expert-aware's lru and belady at capacities 3-4
+    assert len(data["runs"]) == n + n * 2 + 1 + 2 * len(extra) and all(keys <= set(r) for r in data["runs"])
+    assert {(r["policy"], r["capacity"]) for r in data["runs"] if r["capacity"] in extra} == \
+        {(p, c) for p in ("lru", "belady") for c in extra}
+    assert sorted(data["goals"]["belady_minus_lru_points"]) == [str(c) for c in [2] + extra]
     for r in data["runs"]:
         assert r["requests"] == 5 and r["hit_ratio"] <= r["optimal_hit_ratio"] + 1e-9
         assert 0 <= r["forecast_accuracy"] <= 1
@@ -525,15 +529,17 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
 
     # 3 interleaved rounds, medians in the row
     repeated = [x for x in data["runs"] if x["policy"] == "resident" or (x["scheduler"] == "expert-aware" and x["prefetch"])]
-    assert len(repeated) == len(SCHEDULERS) + 2
+    assert len(repeated) == len(SCHEDULERS) + 2 + 2 * len(extra)
     for r in repeated + [data["dense"]]:
         rounds = r["rounds"]["mean_norm_latency_s"]
         assert len(rounds) == 3 and r["mean_norm_latency_s"] == statistics.median(rounds)
         assert r["p95_norm_latency_s"] == statistics.median(r["rounds"]["p95_norm_latency_s"])
     assert all("rounds" not in r for r in data["runs"] if r not in repeated)
-    bel, lru = (next(x for x in repeated if x["policy"] == p) for p in ("belady", "lru"))
+    bel, lru = (next(x for x in repeated if x["policy"] == p and x["capacity"] == 2) for p in ("belady", "lru"))
     paired = [b - l for b, l in zip(bel["rounds"]["hit_ratio"], lru["rounds"]["hit_ratio"])]
     assert data["goals"]["belady_minus_lru_points"]["2"] == pytest.approx(100 * statistics.median(paired))
+    pts = data["goals"]["belady_minus_lru_points"]  # the goal averages the capacities measured
+    assert data["goals"]["belady_minus_lru_mean_points"] == pytest.approx(statistics.mean(pts.values()))
     below = [o - h for o, h in zip(bel["rounds"]["optimal_hit_ratio"], bel["rounds"]["hit_ratio"])]
     assert data["goals"]["belady_below_min_points"]["2"] == pytest.approx(100 * statistics.median(below))
     assert any("median of 3 rounds" in ln for ln in verdict_lines if "Belady" in ln)
@@ -551,6 +557,21 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
     fails(monkeypatch, capsys, "trace.jsonl:1", "bench", "serve", "--model", model, "--out", tmp_path / "bad", "--trace", tr)
     fails(monkeypatch, capsys, "unknown --policy", "bench", "serve", "--model", model, "--out", tmp_path / "bad",
           "--policies", "fifo")
+
+
+def test_quick_matrix_measures_belady_and_lru_at_capacities_2_to_4():
+    """Issue 10's Belady goals average over capacities 2-4: the quick matrix adds the default scheduler's Belady and
+    LRU runs (with prefetch) at 3 and 4 where the model has more experts, and only those."""
+    from readmoe.serving.bench import BenchConfig, plan, run_name
+
+    cfg = BenchConfig(capacities=[2], policies=["lru", "belady"], belady_capacities=[3, 4])
+    names = [run_name(c) for c in plan(cfg, 5)]
+    assert len(names) == len(set(names)) == len(SCHEDULERS) * 3 + 1 + 4
+    assert {n for n in names if ".cap3." in n or ".cap4." in n} == {
+        f"expert-aware.{p}.cap{c}.prefetch" for p in ("lru", "belady") for c in (3, 4)}
+    assert not any(".cap4." in run_name(c) for c in plan(cfg, 4))  # capacity 4 of 4 experts holds them all
+    with pytest.raises(UserError, match="belady_capacities"):
+        BenchConfig(belady_capacities=[0]).check()
 
 
 def test_benchmark_rounds_alternate_which_variant_runs_first():

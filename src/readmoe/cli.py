@@ -283,8 +283,8 @@ def _ints(arg: Optional[str], what: str) -> Optional[list[int]]:
 def bench_serve(
     model: Path = typer.Option(..., help="readmoe checkpoint directory (its safetensors file is the expert store)"),
     out: Path = typer.Option(Path("runs/serve"), help="directory for report.json/.md, access logs and plots"),
-    quick: bool = typer.Option(False, help="a small workload and matrix (capacity 2, lru and belady); with --sweep, "
-                                          "3 rates and 2 schedulers"),
+    quick: bool = typer.Option(False, help="a small workload and matrix (capacity 2, lru and belady; expert-aware's "
+                                          "lru and belady also at capacities 3-4); with --sweep, 3 rates and 2 schedulers"),
     sweep: bool = typer.Option(False, help="the workload at rates from light to 2x saturation, per scheduler x "
                                           "{resident, capacity 2 on disk, capacity 2 behind a 2 GB/s link}"),
     schedulers: Optional[str] = typer.Option(None, help="comma list (default all: decode-first,prefill-first,expert-aware)"),
@@ -325,6 +325,7 @@ def bench_serve(
                       rounds=rounds)
     if quick:
         cfg.capacities, cfg.policies = [2], ["lru", "belady"]
+        cfg.belady_capacities = [] if capacities else [3, 4]  # the Belady goals average over capacities 2-4
     cfg.schedulers = _domains(schedulers) or cfg.schedulers
     cfg.policies = _domains(policies) or cfg.policies
     cfg.capacities = _ints(capacities, "--capacities") or cfg.capacities
