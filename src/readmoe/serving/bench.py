@@ -61,9 +61,8 @@ class BenchConfig:
         if num_experts is not None:
             for c in self.capacities or ():
                 check_cache(c, num_experts=num_experts, name="capacities")
-        for c in self.belady_capacities:
-            if c < 1:
-                raise UserError(f"`belady_capacities` must be >= 1, not {c}")
+        for c in self.belady_capacities:  # those at or above the expert count are skipped, not refused
+            check_cache(c, name="belady_capacities")
         return self
 
 

@@ -14,7 +14,6 @@ engine resolves its own copy (a 7B carve's copy is 13 GB: a cache should not out
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import math
 import os
@@ -61,33 +60,32 @@ def copy_dir(checkpoint: str | Path, dtype: torch.dtype) -> Path:
     return copies_root() / f"{_stem(d, dtype)}-{_h(ident, 16)}"
 
 
-def prune(out: Path) -> int:
-    """Remove the other copies of the directory and dtype that `out` copies (made before its weights changed):
-    retraining or re-carving into one directory would otherwise pile copies up in the cache. An engine
-    still reading one keeps its open files (POSIX), so this is safe while older servers run."""
-    stem, n = out.name.rsplit("-", 1)[0], 0
-    for old in out.parent.glob(f"{glob.escape(stem)}-*"):
-        if old != out and old.is_dir() and not old.name.startswith("."):
-            shutil.rmtree(old, ignore_errors=True)
-            n += 1
-    return n
+def prune(out: Path) -> tuple[int, int]:
+    """Remove, in one pass over the copies, those a cache should no longer keep: (the other copies of the directory
+    and dtype that `out` copies, made before its weights changed, which retraining or re-carving into one directory
+    would otherwise pile up; the copies whose `SOURCE` no longer holds a checkpoint, deleted or moved). Copies
+    without a `SOURCE` and temporary directories stay. An engine still reading one keeps its open files (POSIX),
+    so this is safe while older servers run; it runs before a new copy is sized, so their space counts as free."""
+    stem, older, orphans = out.name.rsplit("-", 1)[0], 0, 0
+    for d in out.parent.glob("*") if out.parent.is_dir() else ():
+        if d == out or d.name.startswith(".") or not d.is_dir():
+            continue
+        if d.name.rsplit("-", 1)[0] == stem:
+            older += 1
+        elif _source_gone(d):
+            orphans += 1
+        else:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+    return older, orphans
 
 
-def prune_orphans(root: Path) -> int:
-    """Remove the copies whose checkpoint directory no longer holds a checkpoint (deleted, or moved: a moved one gets
-    a new copy, keyed by its new path). Copies without a `SOURCE` and temporary directories are left alone."""
-    n = 0
-    for d in root.glob("*") if root.is_dir() else ():
-        if d.name.startswith(".") or not d.is_dir():
-            continue
-        try:
-            src = (d / SOURCE).read_text().strip()
-        except OSError:
-            continue
-        if src and not is_checkpoint(src):
-            shutil.rmtree(d, ignore_errors=True)
-            n += 1
-    return n
+def _source_gone(copy: Path) -> bool:
+    try:
+        src = (copy / SOURCE).read_text().strip()
+    except OSError:  # no SOURCE: made by hand or by an older readmoe, left alone
+        return False
+    return bool(src) and not is_checkpoint(src)
 
 
 def copy_bytes(ckpt: Checkpoint, keys: Sequence[str], dtype: torch.dtype) -> int:
@@ -135,24 +133,23 @@ def resolve_copy(mode: PackMode, checkpoint: str | Path, ckpt: Checkpoint, keys:
     if not wider(ckpt, keys, dtype):
         return None, f"the checkpoint's experts are already in {str(dtype).removeprefix('torch.')}: read as stored"
     out = copy_dir(checkpoint, dtype)
-    orphans = prune_orphans(out.parent)
+    gone = _removed(*prune(out))
     if is_checkpoint(out):
-        return out, f"reused the {str(dtype).removeprefix('torch.')} copy in {out}{_removed(0, orphans)}"
+        return out, f"reused the {str(dtype).removeprefix('torch.')} copy in {out}{gone}"
     need = copy_bytes(ckpt, keys, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
     if mode == "auto" and need > AUTO_DISK_FRACTION * free:
         return None, (f"auto: a {need / 1e9:.1f} GB copy would take over {AUTO_DISK_FRACTION:.0%} of the "
-                      f"{free / 1e9:.1f} GB free under {out.parent}: experts are cast on every load")
+                      f"{free / 1e9:.1f} GB free under {out.parent}: experts are cast on every load{gone}")
     try:
         build(ckpt, keys, dtype, out, source=checkpoint)
-        pruned = prune(out)
     except OSError as e:
         if mode is True:
             raise UserError(f"could not write the experts' {dtype} copy to {out.parent} ({e.strerror or e}): free "
                             f"{need / 1e9:.1f} GB there, point READMOE_EXPERT_COPIES elsewhere, or set `expert_copy` off") from None
-        return None, f"auto: writing the copy failed ({e.strerror or e}): experts are cast on every load"
-    return out, f"built a {need / 1e9:.2f} GB {str(dtype).removeprefix('torch.')} copy in {out}{_removed(pruned, orphans)}"
+        return None, f"auto: writing the copy failed ({e.strerror or e}): experts are cast on every load{gone}"
+    return out, f"built a {need / 1e9:.2f} GB {str(dtype).removeprefix('torch.')} copy in {out}{gone}"
 
 
 def _removed(older: int, orphans: int) -> str:
