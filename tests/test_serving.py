@@ -542,6 +542,9 @@ def test_cli_bench_serve_quick(workflow, corpus_dir, tmp_path, monkeypatch, caps
     assert data["goals"]["belady_minus_lru_mean_points"] == pytest.approx(statistics.mean(pts.values()))
     below = [o - h for o, h in zip(bel["rounds"]["optimal_hit_ratio"], bel["rounds"]["hit_ratio"])]
     assert data["goals"]["belady_below_min_points"]["2"] == pytest.approx(100 * statistics.median(below))
+    room = [o - h for o, h in zip(lru["rounds"]["optimal_hit_ratio"], lru["rounds"]["hit_ratio"])]
+    assert data["goals"]["lru_below_min_points"]["2"] == pytest.approx(100 * statistics.median(room))
+    assert any("below the MIN of its own trace" in ln for ln in verdict_lines if "Belady - LRU" in ln)
     assert any("median of 3 rounds" in ln for ln in verdict_lines if "Belady" in ln)
     for png in ("latency_cdf.png", "hit_ratio.png", "experts_per_batch.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

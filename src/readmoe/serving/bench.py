@@ -314,6 +314,10 @@ def goals(runs: list[dict], dense: dict | None, b1: dict, E: int) -> dict:
         g["belady_minus_lru_mean_points"] = sum(g["belady_minus_lru_points"].values()) / len(caps)
         g["belady_below_min_points"] = median_over_rounds(
             lambda b, l: [o - h for o, h in zip(rounds(b, "optimal_hit_ratio"), rounds(b, "hit_ratio"))])
+        # What LRU leaves on its own trace: no policy could beat LRU by more on that trace, so Belady - LRU exceeds
+        # it only where Belady's run makes a more cacheable trace (the schedules differ between the two runs)
+        g["lru_below_min_points"] = median_over_rounds(
+            lambda b, l: [o - h for o, h in zip(rounds(l, "optimal_hit_ratio"), rounds(l, "hit_ratio"))])
         g["belady_rounds"] = len(rounds(by["belady", caps[0]], "hit_ratio"))
     ond = {r["capacity"]: r for r in _pick(runs, scheduler="expert-aware", prefetch=False)}
     if "expert-aware" in res and ond:
@@ -364,7 +368,11 @@ def verdicts(g: dict, link_gbps: float | None) -> list[tuple[str, bool, str]]:
         of = f", median of {n} rounds" if n > 1 else ""
         per = g["belady_minus_lru_points"]
         each = f" (capacities {'/'.join(map(str, per))}: {'/'.join(f'{v:+.1f}' for v in per.values())})" if len(per) > 1 else ""
-        out.append(("Belady - LRU >= +5 points (mean over the capacities measured)", d >= 5, f"{d:+.1f} points{each}{of}"))
+        room = g.get("lru_below_min_points")
+        bound = (f"; LRU {sum(room.values()) / len(room):.1f} points below the MIN of its own trace"
+                 if room else "")
+        out.append(("Belady - LRU >= +5 points (mean over the capacities measured)", d >= 5,
+                    f"{d:+.1f} points{each}{of}{bound}"))
         below = max(g["belady_below_min_points"].values())
         out.append(("Belady within 2 points of MIN", below <= 2, f"{below:.1f} points below at worst{of}"))
     if "batch1_decode_speedup" in g:
