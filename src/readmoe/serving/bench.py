@@ -308,16 +308,17 @@ def goals(runs: list[dict], dense: dict | None, b1: dict, E: int) -> dict:
         def median_over_rounds(f) -> dict:
             return {c: 100 * statistics.median(f(by["belady", c], by["lru", c])) for c in caps}
 
+        def below_min(r) -> list[float]:  # how far a run's hit ratio is below the MIN of its own trace, per round
+            return [o - h for o, h in zip(rounds(r, "optimal_hit_ratio"), rounds(r, "hit_ratio"))]
+
         # Paired by round (the runs of one round ran back to back), then the median over the rounds
         g["belady_minus_lru_points"] = median_over_rounds(
             lambda b, l: [x - y for x, y in zip(rounds(b, "hit_ratio"), rounds(l, "hit_ratio"))])
         g["belady_minus_lru_mean_points"] = sum(g["belady_minus_lru_points"].values()) / len(caps)
-        g["belady_below_min_points"] = median_over_rounds(
-            lambda b, l: [o - h for o, h in zip(rounds(b, "optimal_hit_ratio"), rounds(b, "hit_ratio"))])
+        g["belady_below_min_points"] = median_over_rounds(lambda b, l: below_min(b))
         # What LRU leaves on its own trace: no policy could beat LRU by more on that trace, so Belady - LRU exceeds
         # it only where Belady's run makes a more cacheable trace (the schedules differ between the two runs)
-        g["lru_below_min_points"] = median_over_rounds(
-            lambda b, l: [o - h for o, h in zip(rounds(l, "optimal_hit_ratio"), rounds(l, "hit_ratio"))])
+        g["lru_below_min_points"] = median_over_rounds(lambda b, l: below_min(l))
         g["belady_rounds"] = len(rounds(by["belady", caps[0]], "hit_ratio"))
     ond = {r["capacity"]: r for r in _pick(runs, scheduler="expert-aware", prefetch=False)}
     if "expert-aware" in res and ond:
@@ -368,9 +369,8 @@ def verdicts(g: dict, link_gbps: float | None) -> list[tuple[str, bool, str]]:
         of = f", median of {n} rounds" if n > 1 else ""
         per = g["belady_minus_lru_points"]
         each = f" (capacities {'/'.join(map(str, per))}: {'/'.join(f'{v:+.1f}' for v in per.values())})" if len(per) > 1 else ""
-        room = g.get("lru_below_min_points")
-        bound = (f"; LRU {sum(room.values()) / len(room):.1f} points below the MIN of its own trace"
-                 if room else "")
+        room = g["lru_below_min_points"]
+        bound = f"; LRU {sum(room.values()) / len(room):.1f} points below the MIN of its own trace"
         out.append(("Belady - LRU >= +5 points (mean over the capacities measured)", d >= 5,
                     f"{d:+.1f} points{each}{of}{bound}"))
         below = max(g["belady_below_min_points"].values())

@@ -125,11 +125,8 @@ class Engine:
             raise UserError("prefetch_depth must be >= 0")
         kind = cfg.store if checkpoint is not None else "host"
         device = next(moe.parameters()).device
-        # with every expert resident the experts are read only at start: a copy would only cost disk space
-        copy = cfg.expert_copy if cfg.capacity is not None or cfg.expert_copy is True else False
-        store = ExpertStore(moe, checkpoint, kind, device=device, link_gbps=cfg.link_gbps, copy=copy)
-        if copy != cfg.expert_copy and kind == "disk":
-            store.copy_reason = "auto: every expert resident, read from the checkpoint at start only"
+        store = ExpertStore(moe, checkpoint, kind, device=device, link_gbps=cfg.link_gbps, copy=cfg.expert_copy,
+                            reloads=cfg.capacity is not None)
         mode, self.prefetch_reason = resolve_prefetch(cfg.prefetch, cfg.capacity, cfg.link_gbps, device)
         self.switch = PrefetchSwitch() if mode == "measure" else None
         self.cache = ExpertCache(store, cfg.capacity or moe.num_experts, cfg.policy, prefetch=bool(mode),

@@ -73,10 +73,11 @@ def expert_key(layer: int, expert: int, proj: str) -> str:
 class ExpertStore:
     """Where non-resident experts live. `disk`: read per expert from the checkpoint's safetensors (single or
     sharded); `host`: CPU tensors (the model's own on a CPU: gate and up stacked in place, no copy; or a
-    prepacked copy, `pack`)."""
+    prepacked copy, `pack`). `reloads`: whether experts are loaded again while serving (a capacity below the expert
+    count), which is what a copy in the serving dtype (`copy`, expert_copy.py) speeds up."""
 
     def __init__(self, model, checkpoint: str | Path | None = None, kind: str = "disk", device="cpu",
-                 link_gbps: float | None = None, copy: PackMode = "auto"):
+                 link_gbps: float | None = None, copy: PackMode = "auto", reloads: bool = True):
         self.kind, self.device = kind, torch.device(device)
         self.dtype = next(model.parameters()).dtype  # experts are served in the model's dtype
         # Emulated host->accelerator link: a load takes at least bytes / link_gbps, waited off the compute cores.
@@ -98,7 +99,7 @@ class ExpertStore:
                 raise ValueError("a disk expert store needs the checkpoint directory with its safetensors weights")
             self._ckpt = Checkpoint(checkpoint)  # single-file or sharded; read without a memory map
             keys = [expert_key(l, e, p) for l in range(self.num_layers) for e in range(self.num_experts) for p in PROJ]
-            where, self.copy_reason = resolve_copy(copy, checkpoint, self._ckpt, keys, self.dtype)
+            where, self.copy_reason = resolve_copy(copy, checkpoint, self._ckpt, keys, self.dtype, reloads)
             if where is not None:  # the experts in the serving dtype: half the bytes read, no cast (expert_copy.py)
                 self._ckpt.close()
                 self._ckpt = Checkpoint(where)

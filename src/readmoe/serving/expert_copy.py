@@ -101,7 +101,7 @@ def build(ckpt: Checkpoint, keys: Sequence[str], dtype: torch.dtype, out: Path, 
           max_shard_bytes: int = 1 << 30, source: str | Path | None = None) -> Path:
     """Write `keys` of `ckpt` in `dtype` to the checkpoint directory `out` (replaced only once whole); `group`
     tensors (one expert's projections) are never split across shards. `source`: the checkpoint directory, recorded
-    so that `prune_orphans` can tell when it is gone."""
+    so that `prune` can tell when it is gone."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -124,12 +124,16 @@ def build(ckpt: Checkpoint, keys: Sequence[str], dtype: torch.dtype, out: Path, 
 
 
 def resolve_copy(mode: PackMode, checkpoint: str | Path, ckpt: Checkpoint, keys: Sequence[str],
-                 dtype: torch.dtype) -> tuple[Path | None, str]:
-    """(the copy's directory, or None to read the checkpoint itself; why). Builds the copy if it is missing."""
+                 dtype: torch.dtype, reloads: bool = True) -> tuple[Path | None, str]:
+    """(the copy's directory, or None to read the checkpoint itself; why). Builds the copy if it is missing.
+    `reloads`: experts are loaded while serving; without reloads (every expert resident) they are read once at
+    start, so auto makes no copy, which would only cost disk space."""
     if mode not in (True, False, "auto"):
         raise UserError(f"`expert_copy` must be auto, on or off, not '{mode}'")
     if mode is False:
         return None, "set explicitly: experts are read from the checkpoint"
+    if mode == "auto" and not reloads:
+        return None, "auto: every expert resident, read from the checkpoint at start only"
     if not wider(ckpt, keys, dtype):
         return None, f"the checkpoint's experts are already in {str(dtype).removeprefix('torch.')}: read as stored"
     out = copy_dir(checkpoint, dtype)
